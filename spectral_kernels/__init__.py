@@ -1,0 +1,23 @@
+"""spectral-kernels: fused kernels for spectral fine-tuning.
+
+The primitive is ``y = x·Wᵀ + ((x·V) ⊙ d)·Uᵀ + b`` (:func:`spectral_linear`) with its backward,
+wrapped as a drop-in ``nn.Linear`` replacement (:class:`SpectralLinear`).
+"""
+from spectral_kernels.backends import (
+    BackendUnavailableError,
+    backend_status,
+    use_backend,
+)
+from spectral_kernels.ops.reference import spectral_linear_ref
+from spectral_kernels.ops.spectral_linear import spectral_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "backend_status",
+    "spectral_linear",
+    "spectral_linear_ref",
+    "use_backend",
+    "__version__",
+]
