@@ -1,0 +1,323 @@
+"""Triton kernels and launchers for spectral_linear (the ``triton`` backend).
+
+Two kernels serve both directions, because the backward has the same shape as the forward with
+the roles of the operands swapped (strides do the transposing, nothing is copied):
+
+``_lowrank_project_kernel``   out[M, R] = a[M, K]·B[K, R]          (thin GEMM, R = k)
+    forward:  z  = x·V               [T, k]   (+ z ⊙ d in the epilogue for the two-GEMM plan)
+    backward: g  = dy·U              [T, k]   (+ per-block partial sums of z ⊙ g → dd)
+
+``_dense_lowrank_kernel``     out[M, N] = a[M, K]·Wᵀ[K, N] + (z[M, R] ⊙ d[R])·Uᵀ[R, N] + bias[N]
+    forward:  y  = x·weightᵀ + (z ⊙ d)·Uᵀ + bias
+    backward: dx = dy·weight + (g ⊙ d)·Vᵀ           (weight read through swapped strides)
+
+Plans (DESIGN.md §3):
+* fused low-rank (k ≤ FUSED_MAX_RANK): after the dense K loop, the z rows of the output tile are
+  loaded (k ≤ 64 in one chunk), scaled by d in registers, and their product with Uᵀ is
+  accumulated into the same fp32 accumulator as the dense product: y is written once, never
+  re-read, and z ⊙ d never touches memory.
+* two-GEMM (larger k): z ⊙ d is written by the projection kernel's epilogue and the second kernel
+  reads it back as an ordinary extra stretch of the GEMM reduction.
+
+Why z is a separate, first kernel rather than computed inside the output tile: every output
+tile of a row block would recompute the same z, costing k / BLOCK_N extra FLOPs of the dense
+GEMM (12% at k=16, 50% at k=64 with BLOCK_N=128), while the separate thin GEMM costs ≈ 2k / out.
+
+Accumulation is fp32. fp32 operands use IEEE fp32 products (input_precision="ieee") unless
+torch.backends.cuda.matmul.allow_tf32 is set, so results match PyTorch's default float32 matmul.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from spectral_kernels.backends import triton_interpret_enabled
+
+#: Largest k for the fused low-rank plan (DESIGN.md §3: "k ≤ ~256"). Past it the planner takes
+#: the two-GEMM plan. The crossover is the design's estimate, not yet measured on a GPU.
+FUSED_MAX_RANK = 256
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --- kernels -------------------------------------------------------------------------------------
+@triton.jit
+def _lowrank_project_kernel(
+    # pointers
+    a_ptr, b_ptr, out_ptr, d_ptr, scaled_ptr, aux_ptr, partial_ptr,
+    # sizes
+    M, K, R,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
+    stride_sm, stride_sr, stride_xm, stride_xr,
+    # meta-parameters
+    STORE_SCALED: tl.constexpr,   # also write scaled = out ⊙ d (two-GEMM plan, forward)
+    REDUCE_AUX: tl.constexpr,     # also write partial[pid_m, r] = Σ_m out ⊙ aux (dd, backward)
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[M, R] = a[M, K]·b[K, R] with optional epilogues; grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_r[None, :] * stride_br,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    mask = mask_m[:, None] & mask_r[None, :]
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, out, mask=mask)
+    if STORE_SCALED:
+        # Round z first, as the eager chain does, so both plans see the same z.
+        d = tl.load(d_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        scaled = (out.to(tl.float32) * d[None, :]).to(scaled_ptr.dtype.element_ty)
+        tl.store(scaled_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, scaled, mask=mask)
+    if REDUCE_AUX:
+        # dd partials from the fp32 accumulator; rows past M were loaded as 0 and add nothing.
+        aux = tl.load(aux_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * stride_xr,
+                      mask=mask, other=0.0).to(tl.float32)
+        partial = tl.sum(acc * aux, axis=0)
+        tl.store(partial_ptr + pid_m * R + offs_r, partial, mask=mask_r)
+
+
+@triton.jit
+def _dense_lowrank_kernel(
+    # pointers
+    a_ptr, w_ptr, z_ptr, d_ptr, u_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_am, stride_ak, stride_wn, stride_wk, stride_zm, stride_zr,
+    stride_un, stride_ur, stride_om, stride_on,
+    # meta-parameters
+    HAS_DENSE: tl.constexpr,      # weight present (delta form)
+    APPLY_D: tl.constexpr,        # scale z by d on load (fused plan); else z is already z ⊙ d
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out[M, N] = a·Wᵀ + (z ⊙ d)·Uᵀ + bias with one fp32 accumulator; 1-D grid, grouped order."""
+    # Grouped launch order: GROUP_M row blocks share each column block of W while it is in L2.
+    pid = tl.program_id(0).to(tl.int64)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if HAS_DENSE:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < K
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+
+    # Low-rank term into the same accumulator, k in BLOCK_R chunks (one chunk for k ≤ 64).
+    offs_rb = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + offs_rb
+        mask_r = rr < R
+        z = tl.load(z_ptr + offs_m[:, None] * stride_zm + rr[None, :] * stride_zr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        if APPLY_D:
+            d = tl.load(d_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)
+            # Round z ⊙ d to the operand dtype, as the eager chain does, then use tensor cores.
+            z = (z.to(tl.float32) * d[None, :]).to(z_ptr.dtype.element_ty)
+        u = tl.load(u_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(z, u, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --- launch configuration ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Blocks:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _dense_blocks(dtype: torch.dtype) -> _Blocks:
+    """Tile sizes for the dense+low-rank kernel.
+
+    The interpreter runs every program in Python, so it gets the smallest tiles tl.dot accepts.
+    The GPU tiles are the standard Hopper/Ampere GEMM choice for 16-bit operands (halved K for
+    fp32 to keep the same shared-memory footprint); they are not yet tuned by measurement.
+    """
+    if triton_interpret_enabled():
+        return _Blocks(16, 32, 32, 1, 1)
+    if dtype == torch.float32:
+        return _Blocks(128, 128, 32, 8, 3)
+    return _Blocks(128, 128, 64, 8, 3)
+
+
+def _project_blocks(rank: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps) for the thin projection GEMM [T, K]·[K, k]."""
+    block_r = min(max(triton.next_power_of_2(rank), 16), 64)
+    if triton_interpret_enabled():
+        return 16, block_r, 32, 1
+    return 64, block_r, 64, 4
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _check_triton_operands(*tensors: Tensor | None) -> None:
+    dtype = tensors[0].dtype
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"the triton backend computes in float16, bfloat16 or float32; got {dtype} "
+            "(use backend='torch' for float64)"
+        )
+    device = tensors[0].device
+    if device.type != "cuda" and not triton_interpret_enabled():
+        raise ValueError(
+            f"the triton backend needs CUDA tensors, got device '{device}' "
+            "(or set TRITON_INTERPRET=1 before importing spectral_kernels)"
+        )
+
+
+# --- launchers -----------------------------------------------------------------------------------
+def lowrank_project(
+    a: Tensor, b: Tensor, *, d: Tensor | None = None, aux: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """out = a·b for a [M, K], b [K, R]; returns (out [M, R], out ⊙ d or None, dd or None).
+
+    With ``d``: also returns out ⊙ d (rounded from the stored out). With ``aux`` [M, R]:
+    also returns Σ_M out ⊙ aux in float32, reduced deterministically over row blocks.
+    """
+    M, K = a.shape
+    R = b.shape[1]
+    out = torch.empty((M, R), device=a.device, dtype=a.dtype)
+    scaled = torch.empty_like(out) if d is not None else None
+    block_m, block_r, block_k, num_warps = _project_blocks(R)
+    grid_m = triton.cdiv(M, block_m)
+    partial = (
+        torch.empty((grid_m, R), device=a.device, dtype=torch.float32) if aux is not None else None
+    )
+    scaled_arg = scaled if scaled is not None else out
+    aux_arg = aux if aux is not None else out
+    _lowrank_project_kernel[(grid_m, triton.cdiv(R, block_r))](
+        a, b, out, d if d is not None else out, scaled_arg, aux_arg,
+        partial if partial is not None else out,
+        M, K, R,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        scaled_arg.stride(0), scaled_arg.stride(1), aux_arg.stride(0), aux_arg.stride(1),
+        STORE_SCALED=d is not None, REDUCE_AUX=aux is not None,
+        INPUT_PRECISION=_input_precision(a.dtype),
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    reduced = partial.sum(0) if partial is not None else None
+    return out, scaled, reduced
+
+
+def dense_plus_lowrank(
+    a: Tensor,
+    w: Tensor | None,
+    z: Tensor,
+    d: Tensor | None,
+    u: Tensor,
+    bias: Tensor | None,
+    *,
+    w_transposed: bool = False,
+) -> Tensor:
+    """out = a·wᵀ + (z ⊙ d)·uᵀ + bias for a [M, K], w [N, K] (or [K, N] when ``w_transposed``),
+    z [M, R], d [R] (None: z is already scaled), u [N, R], bias [N]; returns out [M, N]."""
+    M = a.shape[0]
+    N, R = u.shape
+    K = a.shape[1]
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    blocks = _dense_blocks(a.dtype)
+    # Fused plan: z is scaled by d in registers; two-GEMM plan: z arrives already scaled.
+    # Both walk k in chunks of at most 64 so the low-rank tiles never outgrow the dense ones.
+    block_r = min(max(triton.next_power_of_2(R), 16), 64)
+    if w is None:
+        stride_wn = stride_wk = 0
+    elif w_transposed:
+        stride_wk, stride_wn = w.stride(0), w.stride(1)
+    else:
+        stride_wn, stride_wk = w.stride(0), w.stride(1)
+    grid = (triton.cdiv(M, blocks.block_m) * triton.cdiv(N, blocks.block_n),)
+    _dense_lowrank_kernel[grid](
+        a, w if w is not None else a, z, d if d is not None else z, u,
+        bias if bias is not None else out, out,
+        M, N, K, R,
+        a.stride(0), a.stride(1), stride_wn, stride_wk, z.stride(0), z.stride(1),
+        u.stride(0), u.stride(1), out.stride(0), out.stride(1),
+        HAS_DENSE=w is not None, APPLY_D=d is not None, HAS_BIAS=bias is not None,
+        INPUT_PRECISION=_input_precision(a.dtype),
+        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, BLOCK_R=block_r,
+        GROUP_M=8, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return out
+
+
+def spectral_linear_fwd_triton(
+    x2d: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Forward on flattened tokens x2d [T, in]: (y [T, out], z = x·V [T, k])."""
+    _check_triton_operands(x2d, U, d, V, bias, weight)
+    k = V.shape[1]
+    if k <= FUSED_MAX_RANK:
+        z, _, _ = lowrank_project(x2d, V)
+        y = dense_plus_lowrank(x2d, weight, z, d, U, bias)
+    else:
+        z, zd, _ = lowrank_project(x2d, V, d=d)
+        y = dense_plus_lowrank(x2d, weight, zd, None, U, bias)
+    return y, z
+
+
+def spectral_linear_bwd_triton(
+    dy2d: Tensor, z: Tensor, U: Tensor, d: Tensor, V: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward on flattened tokens: (dx [T, in], dd [k], g = dy·U [T, k]).
+
+    dd = Σ z ⊙ g is reduced inside the kernel that computes g (no second pass over z and g);
+    dx = dy·weight + (g ⊙ d)·Vᵀ shares one accumulator.
+    """
+    _check_triton_operands(dy2d, z, U, d, V, weight)
+    k = V.shape[1]
+    if k <= FUSED_MAX_RANK:
+        g, _, dd = lowrank_project(dy2d, U, aux=z)
+        dx = dense_plus_lowrank(dy2d, weight, g, d, V, None, w_transposed=True)
+    else:
+        g, gd, dd = lowrank_project(dy2d, U, d=d, aux=z)
+        dx = dense_plus_lowrank(dy2d, weight, gd, None, V, None, w_transposed=True)
+    return dx, dd.to(d.dtype), g

@@ -1,0 +1,101 @@
+"""Test utilities: random operands of the spectral linear op and the comparison rule.
+
+The rule (DESIGN.md §9): a result in a given dtype passes when its relative error against the
+float64 reference is at most 2× the error of plain PyTorch computing the same thing in that
+dtype, plus a floor of a fraction of the dtype's epsilon so that exact-by-luck PyTorch results
+(tiny shapes) do not demand perfection.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from spectral_kernels.ops.reference import spectral_linear_ref
+
+OPERANDS = ("x", "U", "d", "V", "bias", "weight")
+
+
+@dataclass
+class Operands:
+    x: Tensor
+    U: Tensor
+    d: Tensor
+    V: Tensor
+    bias: Tensor | None
+    weight: Tensor | None
+
+    def as_tuple(self):
+        return (self.x, self.U, self.d, self.V, self.bias, self.weight)
+
+    def cast(self, dtype: torch.dtype, grads: tuple[str, ...] = ()) -> "Operands":
+        """Detached copies in ``dtype``; those named in ``grads`` require grad. Strides of x kept."""
+        out = {}
+        for name in OPERANDS:
+            t = getattr(self, name)
+            if t is None:
+                out[name] = None
+                continue
+            c = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
+            c.copy_(t.detach())
+            out[name] = c.requires_grad_(name in grads)
+        return Operands(**out)
+
+
+def make_operands(lead, in_f, out_f, k, *, bias=True, weight=True, device="cpu", transpose_x=False) -> Operands:
+    """float64 operands with realistic scales: y has entries of order 1."""
+    g = lambda *s: torch.randn(*s, dtype=torch.float64, device=device)  # noqa: E731
+    if transpose_x:  # x as a non-contiguous view: the transpose of a [..., in, T_last] tensor
+        x = g(*lead[:-1], in_f, lead[-1]).transpose(-1, -2)
+    else:
+        x = g(*lead, in_f)
+    return Operands(
+        x=x,
+        U=g(out_f, k) / k**0.5,
+        d=g(k),
+        V=g(in_f, k) / in_f**0.5,
+        bias=g(out_f) if bias else None,
+        weight=g(out_f, in_f) / in_f**0.5 if weight else None,
+    )
+
+
+def rel_err(a: Tensor, ref: Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    denom = ref.norm().item()
+    return (a - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def forward_backward(fn, ops: Operands, dy: Tensor) -> dict[str, Tensor]:
+    """Run fn on ops, backprop dy; return {"y": y, "dx": ..., "dd": ...} for operands with grads."""
+    y = fn(*ops.as_tuple())
+    y.backward(dy.to(y.dtype))
+    out = {"y": y.detach()}
+    for name in OPERANDS:
+        t = getattr(ops, name)
+        if t is not None and t.requires_grad:
+            out["d" + name] = t.grad
+    return out
+
+
+def assert_matches_reference(fn, base: Operands, dtype: torch.dtype, grads=("x", "d", "bias")) -> dict:
+    """Check fn (same signature as spectral_linear_ref) in ``dtype`` against the float64 reference
+    with the 2× rule, for y and every gradient named. Returns the errors for reporting."""
+    grads = tuple(g for g in grads if getattr(base, g) is not None)
+    y_shape = base.x.shape[:-1] + (base.U.shape[0],)
+    dy = torch.randn(y_shape, dtype=torch.float64, device=base.x.device)
+    exact = forward_backward(spectral_linear_ref, base.cast(torch.float64, grads), dy)
+    plain = forward_backward(spectral_linear_ref, base.cast(dtype, grads), dy)
+    ours = forward_backward(fn, base.cast(dtype, grads), dy)
+    # float64 is compared with itself, so plain PyTorch's error is 0: allow reassociation only.
+    floor = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps / 8
+    report = {}
+    for key, ref in exact.items():
+        assert ours[key].dtype == dtype, f"{key}: dtype {ours[key].dtype}, expected {dtype}"
+        assert ours[key].shape == ref.shape, f"{key}: shape {tuple(ours[key].shape)}, expected {tuple(ref.shape)}"
+        err, plain_err = rel_err(ours[key], ref), rel_err(plain[key], ref)
+        report[key] = (err, plain_err)
+        assert err <= 2 * plain_err + floor, (
+            f"{key} in {dtype}: relative error {err:.3e} > 2 × plain PyTorch's {plain_err:.3e} + {floor:.1e}"
+        )
+    return report

@@ -1,0 +1,90 @@
+"""The triton backend against the float64 reference.
+
+On CPU these run under the Triton interpreter (TRITON_INTERPRET=1, set by README's test command;
+fp32 and fp16 only, small shapes). Tests marked gpu run the compiled kernels on CUDA, bf16 and
+large shapes included.
+"""
+import pytest
+import torch
+
+import spectral_kernels as sk
+from spectral_kernels.backends import triton_interpret_enabled
+from tests.helpers import assert_matches_reference, make_operands
+
+pytestmark = pytest.mark.skipif(
+    not (triton_interpret_enabled() or torch.cuda.is_available()),
+    reason="triton kernels need CUDA or TRITON_INTERPRET=1",
+)
+DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpret_enabled() else "cpu"
+triton_backend = lambda *a: sk.spectral_linear(*a, backend="triton")  # noqa: E731
+
+# (leading dims, in, out, k): odd sizes that are not multiples of any block. k=130 walks k in
+# several chunks; k=300 > FUSED_MAX_RANK takes the two-GEMM plan.
+SHAPES = [((7,), 37, 53, 5), ((7,), 37, 53, 130), ((2, 3, 5), 37, 53, 5), ((1,), 19, 33, 17), ((5,), 311, 301, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead,n_in,n_out,k", SHAPES)
+def test_triton_matches_reference(dtype, lead, n_in, n_out, k):
+    ops = make_operands(lead, n_in, n_out, k, device=DEVICE)
+    assert_matches_reference(triton_backend, ops, dtype)
+
+
+@pytest.mark.parametrize("bias,weight", [(False, True), (True, False), (False, False)])
+def test_triton_optional_bias_and_weight(bias, weight):
+    ops = make_operands((9,), 37, 53, 5, bias=bias, weight=weight, device=DEVICE)
+    assert_matches_reference(triton_backend, ops, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_non_contiguous_x(dtype):
+    ops = make_operands((3, 7), 37, 53, 5, transpose_x=True, device=DEVICE)
+    assert not ops.x.is_contiguous()
+    assert_matches_reference(triton_backend, ops, dtype)
+
+
+def test_triton_trainable_factors():
+    ops = make_operands((2, 7), 37, 53, 5, device=DEVICE)
+    report = assert_matches_reference(triton_backend, ops, torch.float32, grads=("x", "U", "d", "V", "bias"))
+    assert set(report) == {"y", "dx", "dU", "dd", "dV", "dbias"}
+
+
+def test_triton_plans_agree():
+    """The fused plan (d applied on chip) and the two-GEMM plan (z ⊙ d from the epilogue) agree."""
+    from spectral_kernels.ops import spectral_linear_triton as tri
+
+    ops = make_operands((11,), 37, 53, 20, device=DEVICE).cast(torch.float32)
+    z, zd, _ = tri.lowrank_project(ops.x, ops.V, d=ops.d)
+    fused = tri.dense_plus_lowrank(ops.x, ops.weight, z, ops.d, ops.U, ops.bias)
+    two_gemm = tri.dense_plus_lowrank(ops.x, ops.weight, zd, None, ops.U, ops.bias)
+    torch.testing.assert_close(fused, two_gemm, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(zd, z * ops.d)
+
+
+def test_triton_opcheck():
+    from spectral_kernels.ops.spectral_linear import _spectral_linear_op
+
+    ops = make_operands((2, 5), 37, 19, 3, device=DEVICE).cast(torch.float32, ("x", "d", "bias"))
+    torch.library.opcheck(_spectral_linear_op, (*ops.as_tuple(), "triton"))
+
+
+def test_triton_refuses_float64():
+    ops = make_operands((3,), 8, 6, 2, device=DEVICE)
+    with pytest.raises(TypeError, match="triton backend computes in float16, bfloat16 or float32; got torch.float64"):
+        sk.spectral_linear(*ops.as_tuple(), backend="triton")
+
+
+# --- on a GPU ------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("lead,n_in,n_out,k", [((3, 129), 1000, 777, 16), ((1000,), 4096, 1024, 64), ((513,), 1024, 1100, 300)])
+def test_triton_gpu_large(dtype, lead, n_in, n_out, k):
+    ops = make_operands(lead, n_in, n_out, k, device="cuda")
+    assert_matches_reference(triton_backend, ops, dtype)
+
+
+@pytest.mark.gpu
+def test_auto_picks_triton_on_cuda():
+    from spectral_kernels.backends import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cuda")) in ("triton", "cuda")
