@@ -8,6 +8,7 @@ from spectral_kernels.backends import (
     backend_status,
     use_backend,
 )
+from spectral_kernels.nn.spectral_linear import SpectralLinear
 from spectral_kernels.ops.reference import spectral_linear_ref
 from spectral_kernels.ops.spectral_linear import spectral_linear
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "SpectralLinear",
     "backend_status",
     "spectral_linear",
     "spectral_linear_ref",

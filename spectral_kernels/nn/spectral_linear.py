@@ -1,0 +1,189 @@
+"""SpectralLinear: a drop-in nn.Linear whose trainable part is its top-k spectrum.
+
+With the pretrained weight W = U·diag(s)·Vᵀ (top-k factors kept, U [out, k], s [k], V [in, k]) and
+trainable coefficients c [k], the layer computes
+
+    delta form:  y = x·Wᵀ + ((x·V) ⊙ (φ(s, c) − s))·Uᵀ + b      (W frozen, exact at init)
+    pure form:   y =        ((x·V) ⊙ φ(s, c))·Uᵀ + b            (W dropped; exact only at k = min(in, out))
+
+with φ the mode's coefficient map:
+
+    "scale":  φ = s ⊙ c,   c₀ = 1     (singular value fine-tuning)
+    "shift":  φ = s + c,   c₀ = 0     (spectral shift)
+
+so that φ(s, c₀) = s and the delta d = φ − s is exactly zero at initialisation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from spectral_kernels.backends import BACKENDS
+from spectral_kernels.ops.spectral_linear import spectral_linear
+
+MODES = ("scale", "shift")
+FORMS = ("delta", "pure")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_rank(rank: object, in_features: int, out_features: int) -> int:
+    """rank must be an int in 1..min(in_features, out_features)."""
+    limit = min(in_features, out_features)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise ValueError(
+            f"rank must be an integer in 1..min(in_features, out_features) = 1..{limit} "
+            f"for a layer of in_features={in_features}, out_features={out_features}; got {rank!r}"
+        )
+    return rank
+
+
+class SpectralLinear(nn.Module):
+    """Linear layer y = x·Wᵀ + ((x·V) ⊙ d)·Uᵀ + b with d = φ(s, c) − s (delta form) or φ(s, c) (pure).
+
+    Build one from a trained layer with :meth:`from_linear`; the constructor makes an empty layer
+    of the right shapes (for loading a state_dict).
+
+    Attributes:
+        U: buffer ``[out, k]``, frozen left singular vectors.
+        s: buffer ``[k]``, the top-k singular values of the source weight.
+        V: buffer ``[in, k]``, frozen right singular vectors.
+        coeffs: parameter ``[k]``, the trainable coefficients c.
+        weight: frozen parameter ``[out, in]`` in delta form, None in pure form.
+        bias: parameter ``[out]`` or None; trainable only with ``train_bias=True``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        bias: bool = True,
+        mode: str = "scale",
+        form: str = "delta",
+        train_bias: bool = False,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_rank(rank, in_features, out_features)
+        _check_choice("mode", mode, MODES)
+        _check_choice("form", form, FORMS)
+        _check_choice("backend", backend, BACKENDS)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.mode = mode
+        self.form = form
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("U", torch.zeros(out_features, rank, **factory))
+        self.register_buffer("s", torch.zeros(rank, **factory))
+        self.register_buffer("V", torch.zeros(in_features, rank, **factory))
+        init = 1.0 if mode == "scale" else 0.0
+        self.coeffs = nn.Parameter(torch.full((rank,), init, **factory))
+        if form == "delta":
+            self.weight = nn.Parameter(torch.zeros(out_features, in_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("weight", None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory), requires_grad=train_bias)
+        else:
+            self.register_parameter("bias", None)
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int,
+        mode: str = "scale",
+        form: str = "delta",
+        *,
+        train_bias: bool = False,
+        backend: str = "auto",
+    ) -> "SpectralLinear":
+        """Spectral layer equal to ``linear`` at initialisation (exactly, in delta form).
+
+        The SVD runs in float32 (float64 for float64 weights) on the weight's device; the factors
+        are stored in the layer's dtype.
+
+        Raises:
+            TypeError: ``linear`` is not an nn.Linear.
+            ValueError: rank outside 1..min(in, out), unknown mode/form, or a weight holding
+                NaN or Inf.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        W = linear.weight
+        layer = cls(
+            linear.in_features, linear.out_features, rank, bias=linear.bias is not None, mode=mode,
+            form=form, train_bias=train_bias, backend=backend, device=W.device, dtype=W.dtype,
+        )
+        U, s, V = _top_singular_triplets(W, rank)
+        layer.U.copy_(U)
+        layer.s.copy_(s)
+        layer.V.copy_(V)
+        if layer.weight is not None:
+            layer.weight.copy_(W)
+        if layer.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    # --- math ----------------------------------------------------------------------------------
+    def spectrum(self) -> Tensor:
+        """φ(s, c): the layer's current top-k singular values (as a differentiable function of c)."""
+        return self.s * self.coeffs if self.mode == "scale" else self.s + self.coeffs
+
+    def coefficient_delta(self) -> Tensor:
+        """d fed to the op: φ(s, c) − s in delta form (written to be exactly 0 at c₀), φ in pure."""
+        if self.form == "pure":
+            return self.spectrum()
+        return self.s * (self.coeffs - 1.0) if self.mode == "scale" else self.coeffs
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = self.coefficient_delta().to(x.dtype)
+        return spectral_linear(x, self.U, d, self.V, self.bias, self.weight, backend=self.backend)
+
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """The effective dense weight ``[out, in]``: W + U·diag(d)·Vᵀ (delta) or U·diag(φ)·Vᵀ (pure),
+        accumulated in float32 (float64 for float64 layers) and returned in the layer's dtype."""
+        acc = torch.promote_types(self.U.dtype, torch.float32)
+        d = self.coefficient_delta().to(acc)
+        W = (self.U.to(acc) * d) @ self.V.to(acc).t()
+        if self.weight is not None:
+            W += self.weight.to(acc)
+        return W.to(self.U.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """An nn.Linear computing what this layer computes now (weight = :meth:`merged_weight`)."""
+        W = self.merged_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=W.device, dtype=W.dtype)
+        linear.weight.copy_(W)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"mode={self.mode}, form={self.form}, bias={self.bias is not None}, backend={self.backend}"
+        )
+
+
+def _top_singular_triplets(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` (U [out, k], s [k], V [in, k]) of W, computed in float32 (float64 for float64)."""
+    if not torch.isfinite(W).all():
+        raise ValueError("linear.weight holds NaN or Inf; cannot take its SVD")
+    acc = torch.promote_types(W.dtype, torch.float32)
+    U, s, Vh = torch.linalg.svd(W.detach().to(acc), full_matrices=False)
+    return U[:, :rank], s[:rank], Vh[:rank].t()
