@@ -108,11 +108,13 @@ class SpectralLinear(nn.Module):
         *,
         train_bias: bool = False,
         backend: str = "auto",
+        svd: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> "SpectralLinear":
         """Spectral layer equal to ``linear`` at initialisation (exactly, in delta form).
 
         The SVD runs in float32 (float64 for float64 weights) on the weight's device; the factors
-        are stored in the layer's dtype.
+        are stored in the layer's dtype. ``svd=(U [out, r], s [r], V [in, r])`` with r ≥ rank
+        passes precomputed factors (e.g. from a model-wide batched SVD); the top ``rank`` are used.
 
         Raises:
             TypeError: ``linear`` is not an nn.Linear.
@@ -126,7 +128,7 @@ class SpectralLinear(nn.Module):
             linear.in_features, linear.out_features, rank, bias=linear.bias is not None, mode=mode,
             form=form, train_bias=train_bias, backend=backend, device=W.device, dtype=W.dtype,
         )
-        U, s, V = _top_singular_triplets(W, rank)
+        U, s, V = _top_singular_triplets(W, rank) if svd is None else _check_factors(svd, W, rank)
         layer.U.copy_(U)
         layer.s.copy_(s)
         layer.V.copy_(V)
@@ -187,3 +189,18 @@ def _top_singular_triplets(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor
     acc = torch.promote_types(W.dtype, torch.float32)
     U, s, Vh = torch.linalg.svd(W.detach().to(acc), full_matrices=False)
     return U[:, :rank], s[:rank], Vh[:rank].t()
+
+
+def _check_factors(svd, W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate precomputed factors (U [out, r], s [r], V [in, r], r ≥ rank); return the top rank."""
+    if not (isinstance(svd, (tuple, list)) and len(svd) == 3 and all(isinstance(t, Tensor) for t in svd)):
+        raise TypeError("svd must be a tuple of tensors (U [out, r], s [r], V [in, r])")
+    U, s, V = svd
+    out_f, in_f = W.shape
+    if U.dim() != 2 or s.dim() != 1 or V.dim() != 2 or U.shape[0] != out_f or V.shape[0] != in_f \
+            or not (U.shape[1] == s.shape[0] == V.shape[1]) or s.shape[0] < rank:
+        raise ValueError(
+            f"svd factors must be U [{out_f}, r], s [r], V [{in_f}, r] with r >= rank = {rank}; "
+            f"got U {tuple(U.shape)}, s {tuple(s.shape)}, V {tuple(V.shape)}"
+        )
+    return U[:, :rank], s[:rank], V[:, :rank]

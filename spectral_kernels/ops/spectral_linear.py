@@ -156,7 +156,8 @@ def spectral_linear(
     Returns:
         y ``[..., out]`` in x's dtype.
 
-    All tensors share x's floating dtype and device. With z = x·V ``[T, k]`` and
+    All tensors share x's floating dtype and device; under torch.autocast they are cast to the
+    autocast dtype first, as F.linear's operands are. With z = x·V ``[T, k]`` and
     g = dy·U ``[T, k]`` over the T flattened tokens, the backward is::
 
         dx    = dy·weight + (g ⊙ d)·Vᵀ
@@ -168,7 +169,21 @@ def spectral_linear(
     With U and V frozen the only activation saved is z (T×k values), and no dense dW is formed;
     weight must not require grad.
     """
+    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        # As F.linear under autocast: every operand in the autocast dtype. The op then runs with
+        # autocast off so its inner GEMMs do not re-cast what it was handed.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, U, d, V, bias, weight = (_autocast(t, dtype) for t in (x, U, d, V, bias, weight))
+        with torch.autocast(device_type, enabled=False):
+            return spectral_linear(x, U, d, V, bias, weight, backend=backend)
     check_spectral_linear_args(x, U, d, V, bias, weight)
     concrete = resolve_backend(backend, x.device)
     y, _ = _spectral_linear_op(x, U, d, V, bias, weight, concrete)
     return y
+
+
+def _autocast(t, dtype: torch.dtype):
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype:
+        return t.to(dtype)
+    return t
