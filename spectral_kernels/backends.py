@@ -119,6 +119,13 @@ def requested_backend(backend: str = "auto") -> str:
     _check_name(backend, "backend argument")
     if backend != "auto":
         return backend
+    return _ambient_backend()
+
+
+# torch.compile cannot trace a ContextVar read; the choice is taken once, when the graph is traced.
+@torch.compiler.assume_constant_result
+def _ambient_backend() -> str:
+    """The backend set by use_backend, else by SPECTRAL_KERNELS_BACKEND, else "auto"."""
     ctx = _context_backend.get()
     if ctx is not None and ctx != "auto":
         return ctx

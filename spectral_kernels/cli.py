@@ -1,0 +1,101 @@
+"""The ``spectral-kernels`` command.
+
+    spectral-kernels info                  versions, backends (and why each is or is not available), device
+    spectral-kernels bench [--json PATH]   SpectralLinear vs frozen nn.Linear vs eager chain vs peft LoRA
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def _info(_: argparse.Namespace) -> int:
+    import spectral_kernels
+    from spectral_kernels import _ext
+    from spectral_kernels.backends import BACKENDS, backend_status, requested_backend
+    from spectral_kernels.benchmarking import environment
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment(device)
+    print(f"spectral-kernels {spectral_kernels.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {env['triton'] or 'not installed'}")
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    print(f"torch build: {cuda}; CUDA device visible: {torch.cuda.is_available()}")
+    print(f"device: {env['device']} ({device})")
+    print(f"compiled extension: {_extension_summary(_ext)}")
+    print(f"requested backend (argument default, context, SPECTRAL_KERNELS_BACKEND): {requested_backend()}")
+    print("backends on this device:")
+    for name in BACKENDS:
+        if name == "auto":
+            continue
+        status = backend_status(name, torch.device(device))
+        print(f"  {name:<7} {'available' if status.available else 'unavailable'}: {status.reason}")
+    return 0
+
+
+def _extension_summary(ext) -> str:
+    if ext._C is None:
+        return f"not built ({ext.IMPORT_ERROR})"
+    return "spectral_kernels._C loaded"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from spectral_kernels.benchmarking import PHASES, PROVIDERS, BenchConfig, format_table, run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = BenchConfig(tokens=args.tokens, in_features=args.in_features, out_features=args.out_features,
+                      rank=args.rank, dtype=args.dtype, device=device, warmup=args.warmup, reps=args.reps)
+    providers = tuple(args.providers.split(",")) if args.providers else PROVIDERS
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        print(f"error: unknown provider(s) {unknown}; expected a comma list of {PROVIDERS}", file=sys.stderr)
+        return 2
+    report = run(cfg, providers, PHASES)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json())
+        print(f"saved {args.json}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spectral-kernels", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, backends and device").set_defaults(func=_info)
+    bench = sub.add_parser("bench", help="time SpectralLinear against nn.Linear, the eager chain and peft LoRA")
+    bench.add_argument("--tokens", type=_positive, default=2048, help="T, rows of x (default 2048)")
+    bench.add_argument("--in-features", type=_positive, default=1024)
+    bench.add_argument("--out-features", type=_positive, default=1024)
+    bench.add_argument("--rank", type=_positive, default=16, help="k of SpectralLinear and r of LoRA")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
+    bench.add_argument("--providers", default=None, help="comma list of spectral,linear,eager,lora")
+    bench.add_argument("--warmup", type=_positive, default=3)
+    bench.add_argument("--reps", type=_positive, default=15, help="timed calls per provider and phase")
+    bench.add_argument("--json", metavar="PATH", help="also save the report as JSON")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
