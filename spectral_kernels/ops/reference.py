@@ -36,17 +36,18 @@ def spectral_linear_fwd_ref(
 ) -> tuple[Tensor, Tensor]:
     """Forward of the torch backend on flattened tokens x2d [T, in]: returns (y [T, out], z [T, k]).
 
-    Written as in-place GEMM accumulations so the dense product and the low-rank update share
-    one output buffer (one pass over y instead of three).
+    Delta form picks the cheaper of two plans by FLOPs (the dense product and z = x·V are common
+    to both): folding the update into the weight, W' = weight + (U ⊙ d)·Vᵀ (out·in·k), when
+    T > in; else adding (z ⊙ d)·Uᵀ (T·k·out) into y in place. Neither keeps W' past the call.
     """
     z = x2d @ V
+    if weight is not None and x2d.shape[0] > x2d.shape[1]:
+        return _addmm(bias, x2d, _merge_update(weight, U * d, V).t()), z
     zd = z * d
-    if weight is not None:
-        y = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
-        y.addmm_(zd, U.t())
-    else:
-        y = torch.addmm(bias, zd, U.t()) if bias is not None else zd @ U.t()
-    return y, z
+    if weight is None:
+        return _addmm(bias, zd, U.t()), z
+    y = _addmm(bias, x2d, weight.t())
+    return y.addmm_(zd, U.t()), z
 
 
 def spectral_linear_bwd_ref(
@@ -54,17 +55,27 @@ def spectral_linear_bwd_ref(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of the torch backend on flattened tokens: returns (dx [T, in], dd [k], g [T, k]).
 
-    dd is accumulated in float32 (float64 for float64 inputs) and returned in d's dtype.
+    dd is accumulated in float32 (float64 for float64 inputs) and returned in d's dtype. dx uses
+    the same plan choice as the forward, with T compared to out: dy·W' with W' recomputed
+    (out·in·k) when T > out, else dy·weight plus (g ⊙ d)·Vᵀ in place (T·k·in).
     """
     g = dy2d @ U
     dd = lowrank_coeff_grad_ref(z, g).to(d.dtype)
+    if weight is not None and dy2d.shape[0] > dy2d.shape[1]:
+        return dy2d @ _merge_update(weight, U * d, V), dd, g
     gd = g * d
-    if weight is not None:
-        dx = dy2d @ weight
-        dx.addmm_(gd, V.t())
-    else:
-        dx = gd @ V.t()
-    return dx, dd, g
+    if weight is None:
+        return gd @ V.t(), dd, g
+    return (dy2d @ weight).addmm_(gd, V.t()), dd, g
+
+
+def _merge_update(weight: Tensor, Ud: Tensor, V: Tensor) -> Tensor:
+    """weight + (U ⊙ d)·Vᵀ  [out, in], in weight's dtype."""
+    return torch.addmm(weight, Ud, V.t())
+
+
+def _addmm(bias: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    return torch.addmm(bias, a, b) if bias is not None else a @ b
 
 
 def lowrank_coeff_grad_ref(z: Tensor, g: Tensor) -> Tensor:

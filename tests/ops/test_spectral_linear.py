@@ -12,9 +12,18 @@ torch_backend = lambda *a: sk.spectral_linear(*a, backend="torch")  # noqa: E731
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lead", [(7,), (2, 3, 5)])
+@pytest.mark.parametrize("lead", [(7,), (2, 3, 5), (67,), (3, 23)])
 def test_torch_backend_matches_reference(dtype, lead):
+    # T = 7, 30 < in = 37 < out = 53: the update is added into y and dx in place;
+    # T = 67, 69 > out > in: the forward and the backward both fold it into the weight.
     assert_matches_reference(torch_backend, make_operands(lead, 37, 53, 5), dtype)
+
+
+def test_torch_backend_plans_switch_on_token_count():
+    """Between in and out tokens the forward folds the update into the weight and the backward
+    does not; both plans agree with the reference in float64 at either side of the switch."""
+    for lead in [(36,), (38,), (52,), (54,)]:
+        assert_matches_reference(torch_backend, make_operands(lead, 37, 53, 5), torch.float64)
 
 
 def test_non_contiguous_x():
