@@ -1,0 +1,54 @@
+"""The benchmark scripts' arithmetic and a smoke run on CPU (timings themselves are not asserted)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_spectral_linear_cost_counts_flops_and_bytes():
+    cost = _load("bench_spectral_linear_kernels").spectral_linear_cost
+    flops, moved = cost(tokens=10, n_in=6, n_out=4, rank=2, itemsize=2, backward=False)
+    assert flops == 2 * 10 * (6 * 4 + 6 * 2 + 2 * 4)
+    assert moved == 2 * (10 * 6 + 4 * 6 + (6 + 4) * 2 + 10 * 4 + 10 * 2)
+    assert cost(10, 6, 4, 2, 2, backward=True) == (2 * flops, 2 * moved)
+
+
+def test_kernel_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "k.json"
+    mod = _load("bench_spectral_linear_kernels")
+    assert mod.main(["--device", "cpu", "--tokens", "16", "--features", "24", "--ranks", "4", "--dtype", "float32",
+                     "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    providers = {r["provider"] for r in report["rows"]}
+    assert {"spectral[torch]", "eager", "linear"} <= providers
+    assert all(r["median_ms"] > 0 and r["roofline_floor_ms"] > 0 for r in report["rows"])
+    assert report["ceilings"]["peak_flops"] > 0 and report["environment"]["torch"]
+
+
+def test_step_goal_script_reports_goals(monkeypatch, tmp_path):
+    mod = _load("bench_spectral_linear")
+    small = mod.BenchConfig(tokens=32, in_features=24, out_features=20, rank=4, reps=3, warmup=1)
+    monkeypatch.setattr(mod, "CONFIG", small)
+    out = tmp_path / "goals.json"
+    assert mod.main(["--json", str(out), "--reps", "3"]) == 0
+    goals = json.loads(out.read_text())["goals"]
+    assert goals["saved_over_Tk"]["met"] is True
+    assert {"step_vs_linear", "saved_over_Tk"} <= set(goals)
+
+
+def test_kernel_benchmark_refuses_cuda_without_a_device():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    assert _load("bench_spectral_linear_kernels").main(["--device", "cuda"]) == 2
