@@ -46,6 +46,25 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # --- kernels -------------------------------------------------------------------------------------
 @triton.jit
+def _accumulate_product(
+    acc, a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc += a[offs_m, :K]·b[:K, offs_n], walking K in BLOCK_K steps with masked edges."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _lowrank_project_kernel(
     # pointers
     a_ptr, b_ptr, out_ptr, d_ptr, scaled_ptr, aux_ptr, partial_ptr,
@@ -65,19 +84,12 @@ def _lowrank_project_kernel(
     pid_r = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_r = offs_r < R
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_r[None, :] * stride_br,
-                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    acc = _accumulate_product(acc, a_ptr, b_ptr, offs_m, offs_r, mask_m, mask_r, K,
+                              stride_am, stride_ak, stride_bk, stride_br, INPUT_PRECISION, BLOCK_K)
 
     mask = mask_m[:, None] & mask_r[None, :]
     out = acc.to(out_ptr.dtype.element_ty)
@@ -130,15 +142,8 @@ def _dense_lowrank_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if HAS_DENSE:
-        offs_k = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            mask_k = kk < K
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        acc = _accumulate_product(acc, a_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K,
+                                  stride_am, stride_ak, stride_wk, stride_wn, INPUT_PRECISION, BLOCK_K)
 
     # Low-rank term into the same accumulator, k in BLOCK_R chunks (one chunk for k ≤ 64).
     offs_rb = tl.arange(0, BLOCK_R)
