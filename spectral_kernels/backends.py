@@ -135,7 +135,11 @@ def _ambient_backend() -> str:
     return "auto"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+#: dtypes the compiled backends (triton, cuda) compute in; "auto" sends the others to torch.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Turn a request (possibly "auto") into a concrete backend that can run on ``device``.
 
     Raises:
@@ -144,7 +148,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """
     name = requested_backend(backend)
     if name == "auto":
-        if device.type == "cuda" and backend_status("triton", device).available:
+        kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
+        if device.type == "cuda" and kernel_dtype and backend_status("triton", device).available:
             return "triton"
         return "torch"
     status = backend_status(name, device)

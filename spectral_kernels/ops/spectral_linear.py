@@ -178,7 +178,7 @@ def spectral_linear(
         with torch.autocast(device_type, enabled=False):
             return spectral_linear(x, U, d, V, bias, weight, backend=backend)
     check_spectral_linear_args(x, U, d, V, bias, weight)
-    concrete = resolve_backend(backend, x.device)
+    concrete = resolve_backend(backend, x.device, x.dtype)
     y, _ = _spectral_linear_op(x, U, d, V, bias, weight, concrete)
     return y
 

@@ -168,8 +168,8 @@ def _calls_backend(monkeypatch):
     seen = []
     real = mod.resolve_backend
 
-    def spy(backend, device):
-        seen.append(real(backend, device))
+    def spy(backend, device, dtype=None):
+        seen.append(real(backend, device, dtype))
         return "torch"  # run on torch whatever was chosen, so the test runs anywhere
 
     monkeypatch.setattr(mod, "resolve_backend", spy)
@@ -208,3 +208,13 @@ def test_explicit_unavailable_backend_says_why(monkeypatch):
         sk.spectral_linear(*ops.as_tuple(), backend="triton")
     with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable"):
         sk.spectral_linear(*ops.as_tuple(), backend="cuda")
+
+
+def test_auto_sends_float64_to_torch_even_on_cuda(monkeypatch):
+    from spectral_kernels import backends
+
+    monkeypatch.setattr(backends, "backend_status", lambda name, device=None: backends.BackendStatus(name, True, "test"))
+    cuda = torch.device("cuda")
+    assert backends.resolve_backend("auto", cuda, torch.float64) == "torch"
+    assert backends.resolve_backend("auto", cuda, torch.bfloat16) == "triton"
+    assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
