@@ -50,10 +50,10 @@ gives bitwise the same output.
 """
 from __future__ import annotations
 
-import hashlib
 import math
+import os
 import warnings
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -380,3 +380,126 @@ def truncated_svd(
         U, V = V, U
     U, S, V = _finish(U, S, V, m, n)
     return SVDResult(U.reshape(*lead, m, k), S.reshape(*lead, k), V.reshape(*lead, n, k))
+
+
+# --- a model's worth: grouping, cache, CPU fallback ------------------------------------------------
+#: Environment variable naming a default cache directory for batched_truncated_svd.
+CACHE_ENV_VAR = "SPECTRAL_KERNELS_SVD_CACHE"
+
+
+def _is_gpu_failure(exc: BaseException) -> bool:
+    """Out of memory, or a cuSOLVER / CUDA error, raised by a CUDA computation."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    if isinstance(exc, RuntimeError):  # LinAlgError included
+        msg = str(exc).lower()
+        return any(s in msg for s in ("cusolver", "cublas", "cuda", "out of memory"))
+    return False
+
+
+def _svd_group(X: Tensor, k: int, opts: dict[str, Any], label: str) -> SVDResult:
+    """truncated_svd on one stacked group; on a CUDA failure, warn and redo it on the CPU."""
+    try:
+        return truncated_svd(X, k, **opts)
+    except Exception as exc:
+        if not _is_gpu_failure(exc):
+            raise
+        warnings.warn(
+            f"batched_truncated_svd: the GPU path failed for {label} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); computing it on the CPU instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        gen = opts.get("generator")
+        if gen is not None and gen.device.type != "cpu":
+            opts = {**opts, "generator": torch.Generator().manual_seed(gen.initial_seed())}
+        U, S, V = truncated_svd(X.cpu(), k, **opts)
+        return SVDResult(U.to(X.device), S.to(X.device), V.to(X.device))
+
+
+def batched_truncated_svd(
+    mats: Mapping[Any, Tensor] | Sequence[Tensor],
+    k: int,
+    *,
+    oversample: int | None = None,
+    n_iter: int | None = None,
+    tol: float | None = None,
+    method: str = "auto",
+    generator: torch.Generator | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> dict[Any, SVDResult] | list[SVDResult]:
+    """Truncated SVDs of many matrices (a model's weights): same-shape matrices run as one batch.
+
+    Args:
+        mats: a mapping name → A [..., m, n], or a list of them; any float dtype, any device.
+        k: rank for every matrix (1 ≤ k ≤ min(m, n) of each).
+        oversample, n_iter, tol, method, generator: as in :func:`truncated_svd`. The sketch is
+            drawn once per shape from ``generator``, so results do not depend on the grouping.
+        cache_dir: directory of the on-disk cache (default: the SPECTRAL_KERNELS_SVD_CACHE
+            environment variable, else no cache). Entries are keyed by a sha256 of the weight and
+            of the options; hits are loaded instead of computed.
+        progress: show a tqdm bar over the matrices (default: when stderr is a terminal).
+
+    Returns:
+        The same structure as ``mats`` (a dict with the same keys in the same order, or a list)
+        of SVDResult(U [..., m, k], S [..., k], V [..., n, k]) on each matrix's device.
+
+    Raises:
+        TypeError / ValueError: as truncated_svd, naming the offending key (or list index).
+
+    A CUDA group that fails with out-of-memory or a cuSOLVER error is recomputed on the CPU with a
+    RuntimeWarning that names the group; the results are moved back to the matrix's device.
+    """
+    from tqdm.auto import tqdm
+
+    from spectral_kernels.ops import svd_cache
+
+    is_map = isinstance(mats, Mapping)
+    items = list(mats.items()) if is_map else list(enumerate(mats))
+    _check_options(method, oversample, n_iter, tol)
+    for key, A in items:
+        _check_input(A, k, name=f"matrix {key!r}" if is_map else f"matrix [{key}]")
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_ENV_VAR) or None
+    # every group draws its sketch from the generator's state at entry, so a matrix's result does
+    # not depend on which groups were computed before it (or were cache hits)
+    state = generator.get_state() if generator is not None else None
+
+    def group_opts() -> dict[str, Any]:
+        gen = None
+        if state is not None:
+            gen = torch.Generator(device=generator.device)
+            gen.set_state(state)
+        return dict(oversample=oversample, n_iter=n_iter, tol=tol, method=method, generator=gen)
+
+    key_opts = {"k": k, "oversample": oversample, "n_iter": n_iter, "tol": tol, "method": method,
+                "generator": svd_cache.generator_fingerprint(generator)}
+
+    results: dict[Any, SVDResult] = {}
+    groups: dict[tuple, list[tuple[Any, Tensor, str | None]]] = {}
+    bar = tqdm(total=len(items), desc="truncated SVD", unit="matrix", disable=(None if progress is None else not progress))
+    try:
+        for key, A in items:
+            ckey = svd_cache.cache_key(A, key_opts) if cache_dir is not None else None
+            hit = svd_cache.load(cache_dir, ckey, A.device) if ckey is not None else None
+            if hit is not None:
+                results[key] = SVDResult(*hit)
+                bar.update(1)
+                continue
+            groups.setdefault((tuple(A.shape), A.dtype, A.device), []).append((key, A, ckey))
+        for (shape, dtype, device), members in groups.items():
+            label = f"{len(members)} matrices of shape {shape}" if len(members) > 1 else f"matrix {members[0][0]!r}"
+            bar.set_postfix_str(f"{len(members)}×{shape}")
+            X = torch.stack([A for _, A, _ in members])
+            U, S, V = _svd_group(X, k, group_opts(), label)
+            for i, (key, _, ckey) in enumerate(members):
+                res = SVDResult(U[i], S[i], V[i])
+                results[key] = res
+                if ckey is not None:
+                    svd_cache.store(cache_dir, ckey, *res)
+            bar.update(len(members))
+    finally:
+        bar.close()
+    ordered = [results[key] for key, _ in items]
+    return dict(zip((key for key, _ in items), ordered)) if is_map else ordered

