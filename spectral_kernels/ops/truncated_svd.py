@@ -118,9 +118,10 @@ def _check_options(method: str, oversample: int | None, n_iter: int | None, tol:
 
 
 def default_oversample(k: int, n: int) -> int:
-    """p = max(16, k/2), capped at n − k. Heavy-tailed pretrained spectra converge in a few
-    iterations with p = k/2 where p = 8 needs several times more (measured on MiniLM-L6)."""
-    return max(0, min(n - k, max(16, k // 2)))
+    """p = max(32, k/2), capped at n − k. Measured on MiniLM-L6's 36 encoder matrices at k = 32
+    (2-core CPU): p = 16 needs 19 iterations for the 384×384 group, p = 32 needs 11, and the
+    whole model runs in 0.63 s vs 0.61 s; wider sketches did not pay further."""
+    return max(0, min(n - k, max(32, k // 2)))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -170,11 +171,28 @@ def _gram(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 def _ritz(Q: Tensor, R: Tensor, Vq: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Ritz triplets from A·Vq = Q·R: R = Ur·diag(S)·Wrᵀ (float64), U = Q·Ur, V = Vq·Wr.
     Returns (U [B, m, k], S [B, k], V [B, n, k], Ur [B, l, k], all l Ritz values [B, l] float64)."""
-    Ur, S, Wrh = torch.linalg.svd(R, full_matrices=False)
+    Ur, S, Wr = _small_svd(R)
     dt = Q.dtype
     Ur = Ur[..., :k].to(dt)
-    Wr = Wrh[..., :k, :].transpose(-2, -1).to(dt)
+    Wr = Wr[..., :k].to(dt)
     return Q @ Ur, S[..., :k].to(dt), Vq @ Wr, Ur, S
+
+
+def _small_svd(R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of the float64 l×l factors R [B, l, l] = Ur·diag(S)·Wrᵀ, descending.
+
+    Through eigh(R·Rᵀ) and Wr = Rᵀ·Ur·diag(S)⁻¹, 2.1× faster than the batched SVD on CPU
+    (24×48×48: 2.7 ms vs 5.8 ms). In float64 the squaring costs ε₆₄·(σ₁/σᵢ)², far below float32
+    rounding while σₗ ≥ 1e-4·σ₁; below that (or for zero columns) the batch takes the SVD.
+    """
+    lam, Ur = torch.linalg.eigh(R @ R.transpose(-2, -1))
+    lam, Ur = lam.flip(-1), Ur.flip(-1)
+    S = lam.clamp_min(0).sqrt()
+    if bool((S[..., -1] > 1e-4 * S[..., 0]).all()):
+        Wr = (R.transpose(-2, -1) @ Ur) / S[..., None, :]
+        return Ur, S, Wr
+    Ur, S, Wrh = torch.linalg.svd(R, full_matrices=False)
+    return Ur, S, Wrh.transpose(-2, -1)
 
 
 def _convergence_error(Z: Tensor, Ur: Tensor, S: Tensor, V: Tensor, S_all: Tensor, normA2: Tensor,
@@ -344,7 +362,7 @@ def truncated_svd(
     Args:
         A: [..., m, n] float16 / bfloat16 / float32 / float64, any leading batch dims.
         k: rank, 1 ≤ k ≤ min(m, n).
-        oversample: extra sketch columns p of the randomized iteration (default max(16, k/2),
+        oversample: extra sketch columns p of the randomized iteration (default max(32, k/2),
             capped at n − k).
         n_iter: "randomized": number of iterations (default 4; with tol: the cap, default 64);
             "auto": a cap on the randomized iterations before the Gram route takes over.
