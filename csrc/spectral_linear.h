@@ -1,0 +1,90 @@
+// Params structs and launchers of spectral_linear's kernels. Host-only declarations: no CUDA types.
+//
+//   forward:  y  = x·weightᵀ + ((x·V) ⊙ d)·Uᵀ + bias,   z = x·V
+//   backward: g  = dy·U,  dx = dy·weight + (g ⊙ d)·Vᵀ,   dd = Σ_T z ⊙ g,   dbias = Σ_T dy
+//
+// Shapes: x [T, in], U [out, k], d [k], V [in, k], bias [out], weight [out, in].
+// Every matrix is given by a pointer and two element strides (any layout); offsets are int64.
+// Pointers are device addresses; the launchers only check them for null.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace spectral_kernels {
+
+// A strided matrix view: element (r, c) lives at ptr + r*s0 + c*s1 (elements of the op's dtype).
+struct MatrixArg {
+  const void* ptr = nullptr;
+  int64_t s0 = 0;
+  int64_t s1 = 0;
+};
+
+// --- decode plan (forward, T <= kDecodeMaxTokens) -------------------------------------------------
+constexpr int kDecodeMaxTokens = 16;
+
+struct DecodeFwdParams {
+  MatrixArg x;        // [T, in]
+  MatrixArg U;        // [out, k]
+  MatrixArg V;        // [in, k]
+  MatrixArg weight;   // [out, in]; ptr null in the pure form
+  const void* d = nullptr;     // [k], stride d_s
+  const void* bias = nullptr;  // [out], stride bias_s; null for no bias
+  int64_t d_s = 1, bias_s = 1;
+  void* y = nullptr;  // [T, out], strides y_s0, y_s1
+  void* z = nullptr;  // [T, k],   strides z_s0, z_s1
+  int64_t y_s0 = 0, y_s1 = 0, z_s0 = 0, z_s1 = 0;
+  // Workspace, see decode_workspace_sizes(): fp32 partial sums of z and the finished z ⊙ d, and
+  // int32 counters that must be zero at launch.
+  float* workspace = nullptr;
+  int* counters = nullptr;
+  int64_t T = 0, in = 0, out = 0, k = 0;
+  DType dtype = DType::kFloat32;
+};
+
+// Sizes (in elements) of the fp32 workspace and of the int32 counters that must be zeroed.
+void decode_workspace_sizes(int64_t T, int64_t in, int64_t k, int64_t* n_float, int64_t* n_int);
+void launch_spectral_linear_decode_fwd(const DecodeFwdParams& p, void* stream);
+
+// --- fused low-rank GEMM (mma plan; both directions) -----------------------------------------------
+//   out[M, N] = a1[M, K1]·b1[K1, N] + (a2[M, K2] ⊙ scale[K2])·b2[K2, N] + bias[N]
+// forward:  y  = x·weightᵀ + (z ⊙ d)·Uᵀ + bias      (a1 = x, b1 = weightᵀ, a2 = z, b2 = Uᵀ)
+//           z  = x·V                                 (a2 absent)
+// backward: g  = dy·U;   dx = dy·weight + (g ⊙ d)·Vᵀ
+// Either product may be absent (a null pointer); scale and bias may be null.
+struct LowRankGemmParams {
+  MatrixArg a1, b1, a2, b2;
+  const void* scale = nullptr;
+  const void* bias = nullptr;
+  int64_t scale_s = 1, bias_s = 1;
+  void* out = nullptr;
+  int64_t out_s0 = 0, out_s1 = 0;
+  int64_t M = 0, N = 0, K1 = 0, K2 = 0;
+  DType dtype = DType::kFloat32;
+};
+
+void launch_lowrank_gemm(const LowRankGemmParams& p, void* stream);
+
+// --- backward reductions -------------------------------------------------------------------------
+//   dd[j] = Σ_t z[t, j]·g[t, j]   (fp32 out)      dbias[n] = Σ_t dy[t, n]   (op dtype out)
+// Fixed summation order: the result is bitwise reproducible run to run.
+struct CoeffBiasGradParams {
+  MatrixArg z;   // [T, k]
+  MatrixArg g;   // [T, k]
+  MatrixArg dy;  // [T, out]; ptr null: no dbias
+  float* dd = nullptr;   // [k], contiguous
+  void* dbias = nullptr; // [out], contiguous
+  int64_t T = 0, k = 0, out = 0;
+  DType dtype = DType::kFloat32;
+};
+
+void launch_coeff_and_bias_grads(const CoeffBiasGradParams& p, void* stream);
+
+// --- runtime queries (never throw) -----------------------------------------------------------------
+const char* compiled_archs();
+int cuda_runtime_version();
+// Number of visible devices; 0 with the CUDA error in *error when there are none (or no driver).
+int device_count(std::string* error);
+
+}  // namespace spectral_kernels
