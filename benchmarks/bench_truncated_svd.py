@@ -114,7 +114,7 @@ def providers(k: int, device: str) -> dict:
         # svd_lowrank at equal k with its defaults (q = k, niter = 2), and with the same sketch
         # width as ours and more iterations
         "torch.svd_lowrank(q=k,niter=2)": lambda A: torch.svd_lowrank(A, q=k, niter=2),
-        "torch.svd_lowrank(q=k+p,niter=8)": lambda A: _lowrank_trunc(A, k, max(32, k // 2), 8),
+        "torch.svd_lowrank(q=k+p,niter=8)": lambda A: _lowrank_trunc(A, k, max(16, k // 2), 8),
     }
     if device == "cuda":
         for drv in ("gesvd", "gesvdj", "gesvda"):
