@@ -1,7 +1,9 @@
 """Guarded import of the compiled extension ``spectral_kernels._C`` (CUDA kernels from csrc/).
 
 The package works without it: the import failure is kept and turned into a clear error only
-when the ``cuda`` backend is asked for.
+when the ``cuda`` backend is asked for (:func:`extension`). ``_C`` links the CUDA runtime
+statically and no torch, so it imports on machines with no GPU and no driver; device calls then
+raise.
 """
 from __future__ import annotations
 
@@ -16,9 +18,62 @@ except ImportError as exc:  # not built, or built for another Python
     IMPORT_ERROR = str(exc)
 
 REBUILD_HINT = (
-    "rebuild with CUDA: SPECTRAL_KERNELS_CUDA=1 pip install -e . --no-build-isolation "
-    "(needs nvcc on PATH)"
+    "rebuild with CUDA: SPECTRAL_KERNELS_CUDA=1 pip install -e . "
+    "(needs nvcc on PATH or CUDA_HOME; SPECTRAL_KERNELS_CUDA_ARCHS picks the GPU architectures)"
 )
+
+
+def extension():
+    """The loaded ``spectral_kernels._C`` module.
+
+    Raises:
+        RuntimeError: the extension is not built (or failed to import), saying how to rebuild.
+    """
+    if _C is None:
+        raise RuntimeError(
+            f"the cuda backend needs the compiled extension spectral_kernels._C, which is not "
+            f"available ({IMPORT_ERROR}); {REBUILD_HINT}"
+        )
+    return _C
+
+
+def compiled_archs() -> list[str]:
+    """CUDA architectures compiled into ``_C`` in CMake syntax ("90-real", "90-virtual"); [] if not built."""
+    if _C is None:
+        return []
+    return [a for a in _C.compiled_archs().split(",") if a]
+
+
+def _arch_number(arch: str) -> int:
+    return int(arch.split("-")[0])
+
+
+def runs_on(capability: tuple[int, int]) -> bool:
+    """Whether ``_C`` holds code for a device of compute capability ``capability``: SASS of the same
+    major version and no newer minor, or PTX no newer than the device (JIT-compiled by the driver)."""
+    cc = capability[0] * 10 + capability[1]
+    for arch in compiled_archs():
+        n = _arch_number(arch)
+        real = not arch.endswith("-virtual")
+        virtual = not arch.endswith("-real")
+        if real and n // 10 == cc // 10 and n <= cc:
+            return True
+        if virtual and n <= cc:
+            return True
+    return False
+
+
+def extension_summary() -> str:
+    """One line for ``spectral-kernels info``: built or not, architectures, CUDA runtime, devices."""
+    if _C is None:
+        return f"not built ({IMPORT_ERROR}); {REBUILD_HINT}"
+    version = _C.cuda_runtime_version()
+    count, error = _C.device_count()
+    devices = f"{count} CUDA device(s) visible" if count else f"no CUDA device visible ({error})"
+    return (
+        f"spectral_kernels._C built for {', '.join(compiled_archs()) or 'unknown architectures'}, "
+        f"CUDA runtime {version // 1000}.{version % 1000 // 10} (static); {devices}"
+    )
 
 
 def cuda_backend_status(device: torch.device | None):
@@ -33,4 +88,16 @@ def cuda_backend_status(device: torch.device | None):
         return BackendStatus("cuda", False, f"the cuda backend needs CUDA tensors, got device '{device.type}'")
     if not torch.cuda.is_available():
         return BackendStatus("cuda", False, "spectral_kernels._C is built but no CUDA device is visible")
-    return BackendStatus("cuda", True, "compiled CUDA kernels (spectral_kernels._C)")
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    capability = torch.cuda.get_device_capability(index)
+    if not runs_on(capability):
+        return BackendStatus(
+            "cuda",
+            False,
+            f"spectral_kernels._C was built for {', '.join(compiled_archs())}, which cannot run on "
+            f"this sm_{capability[0]}{capability[1]} device; rebuild with "
+            f"SPECTRAL_KERNELS_CUDA_ARCHS={capability[0]}{capability[1]}",
+        )
+    return BackendStatus(
+        "cuda", True, f"compiled CUDA kernels (spectral_kernels._C, {', '.join(compiled_archs())})"
+    )

@@ -1,0 +1,292 @@
+"""The ``cuda`` backend of spectral_linear: the compiled kernels of ``spectral_kernels._C`` (csrc/).
+
+Layers, in reading order:
+
+1. argument checks: devices, dtypes, shapes and strides, before any pointer crosses over;
+2. one ``torch.library.custom_op`` per binding of ``_C``, each with a fake so torch.compile traces
+   through it:
+
+   ``spectral_kernels::cuda_decode_forward``   y = x·weightᵀ + ((x·V) ⊙ d)·Uᵀ + bias and z = x·V in one
+                                               launch, T <= 16 (decode plan, DESIGN.md §3);
+   ``spectral_kernels::cuda_lowrank_gemm``      out = a1·b1 + (a2 ⊙ scale)·b2 + bias, a tile GEMM on
+                                               tensor cores (WMMA, fp32 accumulate) for fp16/bf16 and
+                                               fp32 FMA for fp32 (the fused low-rank plan);
+   ``spectral_kernels::cuda_coeff_and_bias_grads``  dd = Σ_T z ⊙ g (fp32) and dbias = Σ_T dy, one
+                                               launch, fixed summation order;
+
+3. the backend functions called by ``ops/spectral_linear.py`` (flattened tokens, T rows):
+   :func:`spectral_linear_fwd_cuda`, :func:`spectral_linear_bwd_cuda`, and the plan choice
+   :func:`prefers_cuda` used by the "auto" backend.
+
+The kernels take device pointers, sizes, element strides, a dtype code and the current stream
+(torch.cuda.current_stream().cuda_stream); ``_C`` links no torch. A CUDA error comes back as a
+RuntimeError naming the kernel and the CUDA error; set SPECTRAL_KERNELS_CUDA_SYNC=1 to synchronise
+after each launch so that faults inside a kernel are reported by the call that caused them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from spectral_kernels import _ext
+from spectral_kernels.ops.reference import spectral_linear_bwd_ref, spectral_linear_fwd_ref
+
+#: dtype codes of csrc/common.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+#: Largest token count of the decode plan (csrc/spectral_linear.h, kDecodeMaxTokens).
+DECODE_MAX_TOKENS = 16
+
+
+# --- 1. argument checks ------------------------------------------------------------------------------
+def _check_operands(op: str, tensors: dict[str, Optional[Tensor]], *, on_device: bool = True) -> torch.dtype:
+    """Every given operand a 2-D or 1-D tensor of one kernel dtype on one CUDA device, with
+    non-negative strides. Returns the dtype. ``on_device=False`` (fakes) skips the device checks."""
+    dtype = device = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if on_device and t.device.type != "cuda":
+            raise ValueError(f"{op}: {name} must be a CUDA tensor, got a tensor on device '{t.device}'")
+        if t.dtype not in DTYPE_CODES:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; the cuda backend computes in "
+                            f"{', '.join(map(str, DTYPE_CODES))}")
+        if dtype is None:
+            dtype, device, first = t.dtype, t.device, name
+        elif t.dtype != dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {first} has {dtype}")
+        elif on_device and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first} is on {device}")
+        if any(s < 0 for s in t.stride()):
+            raise ValueError(f"{op}: {name} has a negative stride {t.stride()}")
+    if dtype is None:
+        raise ValueError(f"{op}: no operand given")
+    return dtype
+
+
+def _check_shape(op: str, name: str, t: Optional[Tensor], shape: tuple[int, ...]) -> None:
+    if t is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _mat(t: Optional[Tensor]):
+    return None if t is None else (t.data_ptr(), t.stride(0), t.stride(1))
+
+
+def _vec(t: Optional[Tensor]):
+    return None if t is None else (t.data_ptr(), t.stride(0))
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# --- 2. custom ops -----------------------------------------------------------------------------------
+def _decode_shapes(x, U, d, V, bias, weight, on_device):
+    op = "cuda_decode_forward"
+    _check_operands(op, {"x": x, "U": U, "d": d, "V": V, "bias": bias, "weight": weight}, on_device=on_device)
+    if x.dim() != 2 or U.dim() != 2 or V.dim() != 2:
+        raise ValueError(f"{op}: x, U and V must be 2-D, got {tuple(x.shape)}, {tuple(U.shape)}, {tuple(V.shape)}")
+    tokens, n_in = x.shape
+    n_out, k = U.shape
+    _check_shape(op, "V", V, (n_in, k))
+    _check_shape(op, "d", d, (k,))
+    _check_shape(op, "bias", bias, (n_out,))
+    _check_shape(op, "weight", weight, (n_out, n_in))
+    if not 1 <= tokens <= DECODE_MAX_TOKENS:
+        raise ValueError(f"{op}: x must have 1 to {DECODE_MAX_TOKENS} rows (tokens), got {tokens}")
+    if n_in == 0 or n_out == 0 or k == 0:
+        raise ValueError(f"{op}: in, out and k must be positive, got {n_in}, {n_out}, {k}")
+    return tokens, n_in, n_out, k
+
+
+@torch.library.custom_op("spectral_kernels::cuda_decode_forward", mutates_args=())
+def _cuda_decode_forward(
+    x: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Optional[Tensor], weight: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Decode plan: (y [T, out], z [T, k]) for T <= 16 in one launch."""
+    tokens, n_in, n_out, k = _decode_shapes(x, U, d, V, bias, weight, on_device=True)
+    C = _ext.extension()
+    y = x.new_empty(tokens, n_out)
+    z = x.new_empty(tokens, k)
+    n_float, n_int = C.decode_workspace_sizes(tokens, n_in, k)
+    workspace = torch.empty(n_float, dtype=torch.float32, device=x.device)
+    counters = torch.zeros(n_int, dtype=torch.int32, device=x.device)  # must be zero at launch
+    with torch.cuda.device(x.device):
+        C.spectral_linear_decode_fwd(
+            _mat(x), _mat(U), _vec(d), _mat(V), _vec(bias), _mat(weight), _mat(y), _mat(z),
+            workspace.data_ptr(), counters.data_ptr(), tokens, n_in, n_out, k,
+            DTYPE_CODES[x.dtype], _stream(x.device),
+        )
+    return y, z
+
+
+@_cuda_decode_forward.register_fake
+def _(x, U, d, V, bias, weight):
+    tokens, _, n_out, k = _decode_shapes(x, U, d, V, bias, weight, on_device=False)
+    return x.new_empty(tokens, n_out), x.new_empty(tokens, k)
+
+
+def _gemm_shapes(a1, b1, a2, b2, scale, bias, on_device):
+    op = "cuda_lowrank_gemm"
+    _check_operands(op, {"a1": a1, "b1": b1, "a2": a2, "b2": b2, "scale": scale, "bias": bias},
+                    on_device=on_device)
+    if (a1 is None) != (b1 is None) or (a2 is None) != (b2 is None):
+        raise ValueError(f"{op}: a1 and b1 (and a2 and b2) must be given together")
+    if a1 is None and a2 is None:
+        raise ValueError(f"{op}: at least one product a1·b1 or a2·b2 is needed")
+    if scale is not None and a2 is None:
+        raise ValueError(f"{op}: scale applies to a2, which is absent")
+    for name, t in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2)):
+        if t is not None and t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    M = (a1 if a1 is not None else a2).shape[0]
+    N = (b1 if b1 is not None else b2).shape[1]
+    K1 = a1.shape[1] if a1 is not None else 0
+    K2 = a2.shape[1] if a2 is not None else 0
+    _check_shape(op, "a2", a2, (M, K2))
+    _check_shape(op, "b1", b1, (K1, N))
+    _check_shape(op, "b2", b2, (K2, N))
+    _check_shape(op, "scale", scale, (K2,))
+    _check_shape(op, "bias", bias, (N,))
+    return M, N, K1, K2
+
+
+@torch.library.custom_op("spectral_kernels::cuda_lowrank_gemm", mutates_args=())
+def _cuda_lowrank_gemm(
+    a1: Optional[Tensor], b1: Optional[Tensor], a2: Optional[Tensor], b2: Optional[Tensor],
+    scale: Optional[Tensor], bias: Optional[Tensor],
+) -> Tensor:
+    """out[M, N] = a1[M, K1]·b1[K1, N] + (a2[M, K2] ⊙ scale[K2])·b2[K2, N] + bias[N]."""
+    M, N, K1, K2 = _gemm_shapes(a1, b1, a2, b2, scale, bias, on_device=True)
+    C = _ext.extension()
+    ref = a1 if a1 is not None else a2
+    if M == 0 or N == 0 or K1 + K2 == 0:  # nothing for a kernel to do
+        out = ref.new_zeros(M, N)
+        return out + bias if bias is not None else out
+    if K1 == 0:
+        a1 = b1 = None
+    if K2 == 0:
+        a2 = b2 = scale = None
+    out = ref.new_empty(M, N)
+    with torch.cuda.device(ref.device):
+        C.lowrank_gemm(
+            _mat(a1), _mat(b1), _mat(a2), _mat(b2), _vec(scale), _vec(bias), _mat(out),
+            M, N, K1, K2, DTYPE_CODES[ref.dtype], _stream(ref.device),
+        )
+    return out
+
+
+@_cuda_lowrank_gemm.register_fake
+def _(a1, b1, a2, b2, scale, bias):
+    M, N, _, _ = _gemm_shapes(a1, b1, a2, b2, scale, bias, on_device=False)
+    return (a1 if a1 is not None else a2).new_empty(M, N)
+
+
+def _grads_shapes(z, g, dy, on_device):
+    op = "cuda_coeff_and_bias_grads"
+    _check_operands(op, {"z": z, "g": g, "dy": dy}, on_device=on_device)
+    if z.dim() != 2:
+        raise ValueError(f"{op}: z must be 2-D [T, k], got shape {tuple(z.shape)}")
+    tokens, k = z.shape
+    _check_shape(op, "g", g, (tokens, k))
+    if dy is not None and (dy.dim() != 2 or dy.shape[0] != tokens):
+        raise ValueError(f"{op}: dy must be 2-D [T={tokens}, out], got shape {tuple(dy.shape)}")
+    return tokens, k, (dy.shape[1] if dy is not None else 0)
+
+
+@torch.library.custom_op("spectral_kernels::cuda_coeff_and_bias_grads", mutates_args=())
+def _cuda_coeff_and_bias_grads(z: Tensor, g: Tensor, dy: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(dd = Σ_T z ⊙ g [k] in float32, dbias = Σ_T dy [out] in dy's dtype; [0] when dy is None)."""
+    tokens, k, n_out = _grads_shapes(z, g, dy, on_device=True)
+    C = _ext.extension()
+    dd = torch.zeros(k, dtype=torch.float32, device=z.device)
+    db = z.new_zeros(n_out)
+    if tokens == 0 or k == 0:
+        return dd, (dy.sum(0) if dy is not None else db)
+    with torch.cuda.device(z.device):
+        C.coeff_and_bias_grads(
+            _mat(z), _mat(g), _mat(dy), dd.data_ptr(), db.data_ptr() if dy is not None else 0,
+            tokens, k, n_out, DTYPE_CODES[z.dtype], _stream(z.device),
+        )
+    return dd, db
+
+
+@_cuda_coeff_and_bias_grads.register_fake
+def _(z, g, dy):
+    _, k, n_out = _grads_shapes(z, g, dy, on_device=False)
+    return z.new_empty(k, dtype=torch.float32), z.new_empty(n_out)
+
+
+# --- 3. backend functions ----------------------------------------------------------------------------
+def prefers_cuda(tokens: int, in_features: int, out_features: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether "auto" should run this shape on the cuda backend rather than triton.
+
+    Decode plan (1 <= tokens <= 16): yes. One launch streams each weight byte once, where the
+    Triton plan launches two GEMM kernels whose 128-row tiles are mostly padding at such T. Its
+    goal (>= 80% of the device's measured copy bandwidth) has not been measured yet: revisit with
+    the benchmark on a GPU.
+
+    mma plan (more tokens): no. The WMMA kernel is single-buffered with 64×64 tiles; it is kept as
+    a correct tensor-core path, but it has not been measured against the autotuned, pipelined
+    Triton kernel and is not expected to beat it until it is.
+    """
+    del in_features, out_features, k  # the choice depends on T alone until measured otherwise
+    return dtype in DTYPE_CODES and 1 <= tokens <= DECODE_MAX_TOKENS
+
+
+def spectral_linear_fwd_cuda(
+    x2d: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Forward on flattened tokens: y = x·weightᵀ + ((x·V) ⊙ d)·Uᵀ + bias, z = x·V.
+
+    Args:
+        x2d: ``[T, in]``, any strides. U: ``[out, k]``. d: ``[k]``. V: ``[in, k]``.
+        bias: ``[out]`` or None. weight: ``[out, in]`` or None (pure form).
+
+    Returns:
+        (y ``[T, out]``, z ``[T, k]``) in x's dtype. T <= 16 runs the decode plan (one launch);
+        larger T computes z, then y with the dense and low-rank products in one accumulator.
+    """
+    tokens, n_in = x2d.shape
+    n_out, k = U.shape
+    if 0 in (tokens, n_in, n_out, k):  # empty products: nothing for a kernel to do
+        return spectral_linear_fwd_ref(x2d, U, d, V, bias, weight)
+    if tokens <= DECODE_MAX_TOKENS:
+        return _cuda_decode_forward(x2d, U, d, V, bias, weight)
+    z = _cuda_lowrank_gemm(x2d, V, None, None, None, None)
+    wt = weight.t() if weight is not None else None
+    y = _cuda_lowrank_gemm(x2d if weight is not None else None, wt, z, U.t(), d, bias)
+    return y, z
+
+
+def spectral_linear_bwd_cuda(
+    dy2d: Tensor, z: Tensor, U: Tensor, d: Tensor, V: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward on flattened tokens: g = dy·U, dx = dy·weight + (g ⊙ d)·Vᵀ, dd = Σ_T z ⊙ g.
+
+    Returns:
+        (dx ``[T, in]``, dd ``[k]`` in d's dtype, accumulated in fp32, g ``[T, k]``).
+    """
+    tokens, n_out = dy2d.shape
+    n_in, k = V.shape
+    if 0 in (tokens, n_in, n_out, k):
+        return spectral_linear_bwd_ref(dy2d, z, U, d, V, weight)
+    g = _cuda_lowrank_gemm(dy2d, U, None, None, None, None)
+    dx = _cuda_lowrank_gemm(dy2d if weight is not None else None, weight, g, V.t(), d, None)
+    dd, _ = _cuda_coeff_and_bias_grads(z, g, None)
+    return dx, dd.to(d.dtype), g
+
+
+def coeff_and_bias_grads(dy2d: Tensor, z: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward reductions in one launch: (dd = Σ_T z ⊙ g ``[k]`` in float32,
+    dbias = Σ_T dy ``[out]`` in dy's dtype), both accumulated in fp32 in a fixed order.
+
+    Args:
+        dy2d: ``[T, out]``. z: ``[T, k]`` (x·V saved by the forward). g: ``[T, k]`` (dy·U).
+    """
+    return _cuda_coeff_and_bias_grads(z, g, dy2d)
