@@ -1,0 +1,273 @@
+"""Adapter files: the trainable tensors of an adapted model, its config, and base-weight fingerprints.
+
+A file is safetensors: its tensors are the model's trainable parameters by qualified name
+(``...query.coeffs``, ``...lora_A``, a ``modules_to_save`` head, biases with ``train_bias``), and,
+with ``include_basis=True``, every layer's frozen ``U``, ``s``, ``V`` (so that loading skips the SVD
+and uses bit-identical directions). Its string metadata holds:
+
+- ``spectral_kernels.format``: the file format version;
+- ``spectral_kernels.config``: the SpectralConfig as JSON;
+- ``spectral_kernels.layers``: JSON ``{name: {source, in_features, out_features, rank, mode, form,
+  lora_rank, lora_alpha, fingerprint}}`` for every adapted layer.
+
+The fingerprint of a base weight W (in nn.Linear orientation [out, in]) is ``{shape, dtype, sha256,
+sum, abs_sum, norm}``: the sha256 covers shape, dtype and W's bytes (all of them up to 2²² entries,
+16 MiB of float32; beyond that 2²⁰ entries at evenly spaced positions, so the hash costs a bounded
+copy off the device), and the float64 sums and Frobenius norm cover every entry. Loading onto a
+base of the same dtype needs an equal sha256: a different checkpoint changes essentially every
+entry, so equal hashes mean the same base. A base of another dtype (the same model loaded in bf16,
+say) cannot match bytes; it is accepted when its sum and norm agree within 4 ulps of the coarser
+dtype (rounding moves the sum by at most ε·Σ|w|), which a different checkpoint does not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from spectral_kernels.adapt.config import SpectralConfig
+from spectral_kernels.adapt.inject import (
+    CONFIG_ATTR,
+    SOURCE_ATTR,
+    adapt,
+    base_weight,
+    find_targets,
+    spectral_layers,
+    unwrap,
+)
+from spectral_kernels.nn.speclora import SpecLoRALinear
+from spectral_kernels.nn.spectral_linear import SpectralLinear
+
+FORMAT_VERSION = "1"
+META_FORMAT = "spectral_kernels.format"
+META_CONFIG = "spectral_kernels.config"
+META_LAYERS = "spectral_kernels.layers"
+#: a base weight with at most this many entries is hashed whole; a larger one by a strided sample
+FULL_HASH_NUMEL = 1 << 22
+SAMPLE_NUMEL = 1 << 20
+#: attribute where a pure-form layer keeps its base fingerprint (it has no W left to hash)
+FINGERPRINT_ATTR = "spectral_fingerprint"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter file does not fit the model: another base, rank, mode or set of layers."""
+
+
+# --- fingerprints --------------------------------------------------------------------------------
+@torch.no_grad()
+def fingerprint(W: Tensor) -> dict[str, Any]:
+    """Fingerprint of a base weight (see the module docstring for what it covers and why)."""
+    W = W.detach()
+    flat = W.reshape(-1)
+    n = flat.numel()
+    if n > FULL_HASH_NUMEL:
+        flat = flat[torch.linspace(0, n - 1, SAMPLE_NUMEL, device=W.device).long()]
+    h = hashlib.sha256(repr((tuple(W.shape), str(W.dtype))).encode())
+    h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return {
+        "shape": list(W.shape),
+        "dtype": str(W.dtype).removeprefix("torch."),
+        "sha256": h.hexdigest(),
+        "sum": W.sum(dtype=torch.float64).item(),
+        "abs_sum": W.abs().sum(dtype=torch.float64).item(),
+        "norm": torch.linalg.vector_norm(W, dtype=torch.float64).item(),
+    }
+
+
+def compare_fingerprints(stored: dict[str, Any], actual: dict[str, Any]) -> str | None:
+    """None when ``actual`` is the base ``stored`` was taken from; otherwise what differs, in words."""
+    if list(stored["shape"]) != list(actual["shape"]):
+        return f"base weight shape {actual['shape']} differs from the adapter's {stored['shape']}"
+    if stored["dtype"] == actual["dtype"]:
+        if stored["sha256"] == actual["sha256"]:
+            return None
+        return (f"base weight differs from the one the adapter was trained on (sha256 {actual['sha256'][:12]} vs "
+                f"{stored['sha256'][:12]}; norm {actual['norm']:.6g} vs {stored['norm']:.6g})")
+    eps = max(torch.finfo(getattr(torch, stored["dtype"])).eps, torch.finfo(getattr(torch, actual["dtype"])).eps)
+    tol = 4 * eps
+    norm_ok = abs(actual["norm"] - stored["norm"]) <= tol * max(stored["norm"], 1e-30)
+    sum_ok = abs(actual["sum"] - stored["sum"]) <= tol * max(stored["abs_sum"], 1e-30)
+    if norm_ok and sum_ok:
+        return None
+    return (f"base weight ({actual['dtype']}) differs from the adapter's ({stored['dtype']}) beyond rounding: "
+            f"norm {actual['norm']:.6g} vs {stored['norm']:.6g}, sum {actual['sum']:.6g} vs {stored['sum']:.6g}")
+
+
+def layer_fingerprint(layer: SpectralLinear) -> dict[str, Any] | None:
+    """The base fingerprint of an adapted layer: hashed from its frozen W (delta form), or the one
+    adapt() recorded (pure form); None if neither exists."""
+    if getattr(layer, FINGERPRINT_ATTR, None) is not None:
+        return getattr(layer, FINGERPRINT_ATTR)
+    if layer.weight is not None:
+        return fingerprint(layer.weight)
+    return None
+
+
+def _layer_meta(layer: SpectralLinear) -> dict[str, Any]:
+    meta = {
+        "source": getattr(layer, SOURCE_ATTR, "linear"),
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "rank": layer.rank,
+        "mode": layer.mode,
+        "form": layer.form,
+        "bias": layer.bias is not None,
+    }
+    if isinstance(layer, SpecLoRALinear):
+        meta.update(lora_rank=layer.lora_rank, lora_alpha=layer.lora_alpha)
+    return meta
+
+
+# --- save -----------------------------------------------------------------------------------------
+@dataclass
+class AdapterInfo:
+    """What an adapter file holds: tensor and parameter counts and its size on disk."""
+
+    path: str
+    num_tensors: int
+    num_parameters: int
+    num_bytes: int
+    num_layers: int
+
+    def __str__(self) -> str:
+        return (f"adapter {self.path}: {self.num_layers} layers, {self.num_tensors} tensors, "
+                f"{self.num_parameters:,} parameters, {self.num_bytes / 1024:.1f} KiB")
+
+
+def adapter_state_dict(model: nn.Module, *, include_basis: bool = False) -> dict[str, Tensor]:
+    """The tensors save_adapter writes: trainable parameters by name (+ U, s, V with include_basis)."""
+    m = unwrap(model)
+    out = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+    if include_basis:
+        for name, layer in spectral_layers(m).items():
+            for b in ("U", "s", "V"):
+                out[f"{name}.{b}"] = getattr(layer, b).detach()
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_basis: bool = False,
+                 verbose: bool = True) -> AdapterInfo:
+    """Write the adapter of an adapted model to ``path`` (safetensors); returns (and prints) its size.
+
+    Args:
+        model: a model :func:`adapt` rewrote (DDP / torch.compile wrappers are looked through).
+        path: file to write.
+        include_basis: also store every layer's U [out, k], s [k], V [in, k] (larger, but loading
+            then needs no SVD and reproduces the directions bit for bit).
+    """
+    from safetensors.torch import save_file
+
+    m = unwrap(model)
+    config = getattr(m, CONFIG_ATTR, None)
+    layers = spectral_layers(m)
+    if config is None or not layers:
+        raise ValueError("save_adapter: the model has no adapter; call adapt(model, config) first")
+    layer_meta = {}
+    for name, layer in layers.items():
+        fp = layer_fingerprint(layer)
+        if fp is None:
+            raise ValueError(f"save_adapter: layer {name!r} has no base weight nor recorded fingerprint")
+        layer_meta[name] = {**_layer_meta(layer), "fingerprint": fp}
+    tensors = {n: t.cpu().contiguous() for n, t in adapter_state_dict(m, include_basis=include_basis).items()}
+    metadata = {META_FORMAT: FORMAT_VERSION, META_CONFIG: config.to_json(),
+                META_LAYERS: json.dumps(layer_meta, sort_keys=True)}
+    path = os.fspath(path)
+    save_file(tensors, path, metadata=metadata)
+    n_basis = sum(t.numel() for n, t in tensors.items() if include_basis and n.rsplit(".", 1)[-1] in ("U", "s", "V")
+                  and n.rsplit(".", 1)[0] in layers)
+    info = AdapterInfo(path, len(tensors), sum(t.numel() for t in tensors.values()) - n_basis,
+                       os.path.getsize(path), len(layers))
+    if verbose:
+        print(info)
+    return info
+
+
+# --- load -----------------------------------------------------------------------------------------
+def read_adapter(path: str | os.PathLike) -> tuple[SpectralConfig, dict[str, dict], dict[str, Tensor]]:
+    """(config, per-layer metadata, tensors) of an adapter file."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if META_CONFIG not in meta or META_LAYERS not in meta:
+        raise ValueError(f"{os.fspath(path)} is not a spectral_kernels adapter (no {META_CONFIG} metadata)")
+    if meta.get(META_FORMAT) != FORMAT_VERSION:
+        raise ValueError(f"{os.fspath(path)}: adapter format {meta.get(META_FORMAT)!r}, expected {FORMAT_VERSION!r}")
+    return SpectralConfig.from_json(meta[META_CONFIG]), json.loads(meta[META_LAYERS]), tensors
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, verbose: bool = True) -> nn.Module:
+    """Load an adapter file into ``model`` and return it.
+
+    A model that is not adapted yet is first checked against the file's base fingerprints (before
+    any SVD), then adapted with the file's config (with the stored basis when the file has one).
+    An adapted model must have the same adapted layers with the same shape, rank, mode, form and
+    LoRA rank. The trainable tensors are then copied in.
+
+    Raises:
+        AdapterMismatchError: another base weight, rank, mode, form, LoRA rank or set of layers;
+            the message names the layer and what differs.
+    """
+    config, layer_meta, tensors = read_adapter(path)
+    m = unwrap(model)
+    layers = spectral_layers(m)
+    if not layers:
+        targets = find_targets(m, config)
+        _check_names(set(targets), set(layer_meta))
+        for name, module in targets.items():
+            diff = compare_fingerprints(layer_meta[name]["fingerprint"], fingerprint(base_weight(module)))
+            if diff is not None:
+                raise AdapterMismatchError(f"layer {name!r}: {diff}")
+        basis = None
+        if all(f"{n}.U" in tensors for n in layer_meta):
+            basis = {n: (tensors.pop(f"{n}.U"), tensors.pop(f"{n}.s"), tensors.pop(f"{n}.V")) for n in layer_meta}
+            basis = {n: tuple(t.to(base_weight(targets[n]).device) for t in f) for n, f in basis.items()}
+        adapt(m, config, factors=basis, verbose=verbose)
+        layers = spectral_layers(m)
+    else:
+        _check_names(set(layers), set(layer_meta))
+        for name, layer in layers.items():
+            want, have = layer_meta[name], _layer_meta(layer)
+            for key in ("in_features", "out_features", "rank", "mode", "form", "bias", "lora_rank", "source"):
+                if want.get(key) != have.get(key):
+                    raise AdapterMismatchError(
+                        f"layer {name!r}: the adapter has {key}={want.get(key)!r}, the model's layer has {have.get(key)!r}")
+            fp = layer_fingerprint(layer)
+            diff = None if fp is None else compare_fingerprints(want["fingerprint"], fp)
+            if diff is not None:
+                raise AdapterMismatchError(f"layer {name!r}: {diff}")
+        for n in layer_meta:  # a stored basis replaces the model's (the model's SVD may differ by rounding)
+            if f"{n}.U" in tensors:
+                with torch.no_grad():
+                    for b in ("U", "s", "V"):
+                        getattr(layers[n], b).copy_(tensors.pop(f"{n}.{b}"))
+    params = dict(m.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    missing, unexpected = sorted(trainable - set(tensors)), sorted(set(tensors) - trainable)
+    if unexpected:
+        raise AdapterMismatchError(f"the adapter holds {unexpected[:5]} which are not trainable parameters of the model")
+    if missing:
+        raise AdapterMismatchError(f"the model's trainable parameters {missing[:5]} are not in the adapter")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            if params[n].shape != t.shape:
+                raise AdapterMismatchError(f"parameter {n!r}: shape {tuple(t.shape)} in the adapter, "
+                                           f"{tuple(params[n].shape)} in the model")
+            params[n].copy_(t)
+    return model
+
+
+def _check_names(model_layers: set[str], file_layers: set[str]) -> None:
+    only_file, only_model = sorted(file_layers - model_layers), sorted(model_layers - file_layers)
+    if only_file:
+        raise AdapterMismatchError(f"layer {only_file[0]!r} is in the adapter but not adapted in the model "
+                                   f"({len(only_file)} such layers)")
+    if only_model:
+        raise AdapterMismatchError(f"layer {only_model[0]!r} is adapted in the model but not in the adapter "
+                                   f"({len(only_model)} such layers)")
