@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from spectral_kernels.backends import BACKENDS
 from spectral_kernels.ops.spectral_linear import spectral_linear
+from spectral_kernels.ops.truncated_svd import truncated_svd
 
 MODES = ("scale", "shift")
 FORMS = ("delta", "pure")
@@ -112,8 +113,8 @@ class SpectralLinear(nn.Module):
     ) -> "SpectralLinear":
         """Spectral layer equal to ``linear`` at initialisation (exactly, in delta form).
 
-        The SVD runs in float32 (float64 for float64 weights) on the weight's device; the factors
-        are stored in the layer's dtype. ``svd=(U [out, r], s [r], V [in, r])`` with r ≥ rank
+        The SVD (:func:`spectral_kernels.truncated_svd`, method "auto") runs in float32 (float64
+        for float64 weights) on the weight's device; the factors are stored in the layer's dtype. ``svd=(U [out, r], s [r], V [in, r])`` with r ≥ rank
         passes precomputed factors (e.g. from a model-wide batched SVD); the top ``rank`` are used.
 
         Raises:
@@ -183,12 +184,12 @@ class SpectralLinear(nn.Module):
 
 
 def _top_singular_triplets(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``rank`` (U [out, k], s [k], V [in, k]) of W, computed in float32 (float64 for float64)."""
+    """Top-``rank`` (U [out, k], s [k], V [in, k]) of W by :func:`truncated_svd` (float32, or
+    float64 for float64 weights; accurate to its documented contract)."""
     if not torch.isfinite(W).all():
         raise ValueError("linear.weight holds NaN or Inf; cannot take its SVD")
-    acc = torch.promote_types(W.dtype, torch.float32)
-    U, s, Vh = torch.linalg.svd(W.detach().to(acc), full_matrices=False)
-    return U[:, :rank], s[:rank], Vh[:rank].t()
+    U, s, V = truncated_svd(W.detach(), rank)
+    return U, s, V
 
 
 def _check_factors(svd, W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -182,3 +182,24 @@ def test_wrong_input_width_names_x():
     layer = SpectralLinear.from_linear(_linear(), rank=5)
     with pytest.raises(ValueError, match="x's last dim must equal"):
         layer(torch.randn(4, 36))
+
+
+def test_from_linear_takes_its_factors_from_truncated_svd(monkeypatch):
+    import spectral_kernels.nn.spectral_linear as mod
+
+    calls = []
+    real = mod.truncated_svd
+
+    def spy(A, k, **kw):
+        calls.append((tuple(A.shape), k))
+        return real(A, k, **kw)
+
+    monkeypatch.setattr(mod, "truncated_svd", spy)
+    lin = _linear()
+    layer = SpectralLinear.from_linear(lin, rank=5)
+    assert calls == [((53, 37), 5)]
+    s_exact = torch.linalg.svdvals(lin.weight.detach().double())[:5]
+    assert rel_err(layer.s, s_exact) < 1e-3
+    eye = torch.eye(5)
+    assert torch.allclose(layer.U.t() @ layer.U, eye, atol=1e-5)
+    assert torch.allclose(layer.V.t() @ layer.V, eye, atol=1e-5)
