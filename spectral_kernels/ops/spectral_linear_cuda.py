@@ -252,6 +252,8 @@ def spectral_linear_fwd_cuda(
         (y ``[T, out]``, z ``[T, k]``) in x's dtype. T <= 16 runs the decode plan (one launch);
         larger T computes z, then y with the dense and low-rank products in one accumulator.
     """
+    _check_operands("spectral_linear_fwd_cuda",
+                    {"x": x2d, "U": U, "d": d, "V": V, "bias": bias, "weight": weight})
     tokens, n_in = x2d.shape
     n_out, k = U.shape
     if 0 in (tokens, n_in, n_out, k):  # empty products: nothing for a kernel to do
@@ -272,6 +274,8 @@ def spectral_linear_bwd_cuda(
     Returns:
         (dx ``[T, in]``, dd ``[k]`` in d's dtype, accumulated in fp32, g ``[T, k]``).
     """
+    _check_operands("spectral_linear_bwd_cuda",
+                    {"dy": dy2d, "z": z, "U": U, "d": d, "V": V, "weight": weight})
     tokens, n_out = dy2d.shape
     n_in, k = V.shape
     if 0 in (tokens, n_in, n_out, k):

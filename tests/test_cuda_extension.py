@@ -1,0 +1,155 @@
+"""The compiled extension spectral_kernels._C on any machine (CPU CI included): it imports without a
+GPU or a driver, reports what it was built for, and refuses what would fault on a device with a
+clear Python exception. Skipped where _C is not built (pip install without nvcc)."""
+import re
+import subprocess
+
+import pytest
+import torch
+
+import spectral_kernels as sk
+from spectral_kernels import _ext
+from spectral_kernels.backends import BackendUnavailableError
+from spectral_kernels.ops import spectral_linear_cuda as cuda_ops
+
+needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"spectral_kernels._C is not built ({_ext.IMPORT_ERROR})")
+no_device = pytest.mark.skipif(
+    _ext._C is not None and _ext._C.device_count()[0] > 0,
+    reason="launching on bogus pointers is only safe with no CUDA device",
+)
+
+
+def _cpu_operands(tokens=3, n_in=8, n_out=5, k=2):
+    g = torch.randn
+    return g(tokens, n_in), g(n_out, k), g(k), g(n_in, k), g(n_out), g(n_out, n_in)
+
+
+def test_missing_extension_names_how_to_rebuild(monkeypatch):
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "IMPORT_ERROR", "No module named 'spectral_kernels._C'")
+    with pytest.raises(RuntimeError, match="SPECTRAL_KERNELS_CUDA=1 pip install"):
+        _ext.extension()
+    assert not _ext.cuda_backend_status(None).available
+    assert "not built" in _ext.extension_summary()
+    assert _ext.compiled_archs() == []
+
+
+@needs_ext
+def test_compiled_archs_are_reported():
+    archs = _ext.compiled_archs()
+    assert archs, "compiled_archs() is empty"
+    assert all(re.fullmatch(r"\d+-(real|virtual)", a) for a in archs), archs
+    assert all(int(a.split("-")[0]) >= 80 for a in archs)
+    assert "built for" in _ext.extension_summary()
+    assert _ext._C.cuda_runtime_version() >= 11000
+
+
+@needs_ext
+def test_cuda_runtime_is_linked_statically():
+    """Importing _C must not need libcudart.so (CPU machines have none)."""
+    out = subprocess.run(["ldd", _ext._C.__file__], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"ldd unavailable: {out.stderr.strip()}")
+    assert "libcudart" not in out.stdout, out.stdout
+
+
+@needs_ext
+def test_device_count_never_raises():
+    count, error = _ext._C.device_count()
+    assert count >= 0
+    if count == 0:
+        assert error  # the CUDA error, in words
+
+
+@needs_ext
+def test_runs_on_reads_sass_and_ptx(monkeypatch):
+    monkeypatch.setattr(_ext, "compiled_archs", lambda: ["80-real", "90-real", "90-virtual"])
+    assert _ext.runs_on((8, 0)) and _ext.runs_on((8, 6)) and _ext.runs_on((9, 0))
+    assert _ext.runs_on((10, 0))  # PTX of sm_90, JIT-compiled
+    assert not _ext.runs_on((7, 5))
+    monkeypatch.setattr(_ext, "compiled_archs", lambda: ["90-real"])
+    assert not _ext.runs_on((8, 9)) and not _ext.runs_on((10, 0))
+
+
+@needs_ext
+@pytest.mark.parametrize("tokens", [3, 40])  # decode plan, then the mma plan
+def test_cpu_tensors_are_refused_before_any_pointer(tokens):
+    x, U, d, V, bias, weight = _cpu_operands(tokens)
+    with pytest.raises(ValueError, match=r"x must be a CUDA tensor.*cpu"):
+        cuda_ops.spectral_linear_fwd_cuda(x, U, d, V, bias, weight)
+    dy, z = torch.randn(tokens, 5), torch.randn(tokens, 2)
+    with pytest.raises(ValueError, match=r"dy must be a CUDA tensor"):
+        cuda_ops.spectral_linear_bwd_cuda(dy, z, U, d, V, weight)
+    with pytest.raises(ValueError, match=r"z must be a CUDA tensor"):
+        cuda_ops.coeff_and_bias_grads(dy, z, z.clone())
+
+
+def test_public_function_refuses_cpu_tensors_on_cuda_backend():
+    x, U, d, V, bias, weight = _cpu_operands()
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        sk.spectral_linear(x, U, d, V, bias, weight, backend="cuda")
+
+
+@needs_ext
+def test_wrapper_checks_dtypes_and_shapes():
+    # fakes run the same checks without a device: meta tensors reach them on CPU
+    m = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+    with pytest.raises(TypeError, match="U has dtype torch.float16"):
+        torch.ops.spectral_kernels.cuda_decode_forward(m(3, 8), m(5, 2, dtype=torch.float16), m(2), m(8, 2), None, None)
+    with pytest.raises(TypeError, match="float64"):
+        torch.ops.spectral_kernels.cuda_lowrank_gemm(m(3, 8, dtype=torch.float64), m(8, 5, dtype=torch.float64),
+                                                     None, None, None, None)
+    with pytest.raises(ValueError, match=r"V must have shape \(8, 2\)"):
+        torch.ops.spectral_kernels.cuda_decode_forward(m(3, 8), m(5, 2), m(2), m(9, 2), None, None)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        torch.ops.spectral_kernels.cuda_decode_forward(m(17, 8), m(5, 2), m(2), m(8, 2), None, None)
+    with pytest.raises(ValueError, match=r"b2 must have shape \(2, 5\)"):
+        torch.ops.spectral_kernels.cuda_lowrank_gemm(m(40, 8), m(8, 5), m(40, 2), m(3, 5), None, None)
+
+
+@needs_ext
+def test_fakes_give_output_shapes():
+    m = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    y, z = torch.ops.spectral_kernels.cuda_decode_forward(m(3, 8), m(5, 2), m(2), m(8, 2), m(5), m(5, 8))
+    assert y.shape == (3, 5) and z.shape == (3, 2)
+    out = torch.ops.spectral_kernels.cuda_lowrank_gemm(m(40, 8), m(8, 5), m(40, 2), m(2, 5), m(2), m(5))
+    assert out.shape == (40, 5)
+    dd, db = torch.ops.spectral_kernels.cuda_coeff_and_bias_grads(m(40, 2), m(40, 2), m(40, 5))
+    assert dd.shape == (2,) and dd.dtype == torch.float32 and db.shape == (5,)
+
+
+@needs_ext
+def test_bindings_name_the_bad_argument():
+    C = _ext._C
+    with pytest.raises(ValueError, match="^x: null device pointer"):
+        C.spectral_linear_decode_fwd((0, 8, 1), (16, 2, 1), (16, 1), (16, 2, 1), None, None, (16, 5, 1),
+                                     (16, 2, 1), 16, 16, 3, 8, 5, 2, 0, 0)
+    with pytest.raises(ValueError, match="^dtype: unknown dtype code 7"):
+        C.lowrank_gemm((16, 4, 1), (16, 4, 1), None, None, None, None, (16, 4, 1), 4, 4, 4, 0, 7, 0)
+    with pytest.raises(ValueError, match="^p.T: must be at most 16"):
+        C.spectral_linear_decode_fwd((16, 8, 1), (16, 2, 1), (16, 1), (16, 2, 1), None, None, (16, 5, 1),
+                                     (16, 2, 1), 16, 16, 17, 8, 5, 2, 0, 0)
+    with pytest.raises(ValueError, match="^b1: required"):
+        C.lowrank_gemm((16, 4, 1), None, None, None, None, None, (16, 4, 1), 4, 4, 4, 0, 0, 0)
+
+
+@needs_ext
+@no_device
+def test_launch_without_a_device_raises_naming_the_kernel():
+    """No GPU or driver: the launch fails, and the error names the kernel and the CUDA error."""
+    C = _ext._C
+    mat = (16, 4, 1)
+    with pytest.raises(RuntimeError, match=r"^lowrank_gemm_fma: CUDA error cuda\w+"):
+        C.lowrank_gemm(mat, mat, None, None, None, None, mat, 4, 4, 4, 0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"^spectral_linear_decode_fwd\[?.*CUDA error"):
+        C.spectral_linear_decode_fwd(mat, mat, (16, 1), mat, None, None, mat, mat, 16, 16, 3, 4, 4, 4, 1, 0)
+    with pytest.raises(RuntimeError, match=r"^coeff_and_bias_grads: CUDA error"):
+        C.coeff_and_bias_grads(mat, mat, None, 16, 0, 3, 4, 0, 2, 0)
+
+
+def test_prefers_cuda_only_for_the_decode_plan():
+    assert cuda_ops.prefers_cuda(1, 4096, 4096, 16, torch.float16)
+    assert cuda_ops.prefers_cuda(16, 4096, 4096, 16, torch.bfloat16)
+    assert not cuda_ops.prefers_cuda(17, 4096, 4096, 16, torch.float16)  # mma plan: not measured faster
+    assert not cuda_ops.prefers_cuda(0, 4096, 4096, 16, torch.float16)
+    assert not cuda_ops.prefers_cuda(4, 4096, 4096, 16, torch.float64)
