@@ -63,6 +63,13 @@ def runs_on(capability: tuple[int, int]) -> bool:
     return False
 
 
+# torch.compile traces the backend choice; the device's capability is a constant of the trace.
+@torch.compiler.assume_constant_result
+def _device_capability(index: int) -> tuple[int, int]:
+    """Compute capability of CUDA device ``index`` (-1: the current device)."""
+    return torch.cuda.get_device_capability(None if index < 0 else index)
+
+
 def extension_summary() -> str:
     """One line for ``spectral-kernels info``: built or not, architectures, CUDA runtime, devices."""
     if _C is None:
@@ -88,8 +95,8 @@ def cuda_backend_status(device: torch.device | None):
         return BackendStatus("cuda", False, f"the cuda backend needs CUDA tensors, got device '{device.type}'")
     if not torch.cuda.is_available():
         return BackendStatus("cuda", False, "spectral_kernels._C is built but no CUDA device is visible")
-    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    capability = torch.cuda.get_device_capability(index)
+    index = device.index if device is not None and device.index is not None else -1
+    capability = _device_capability(index)
     if not runs_on(capability):
         return BackendStatus(
             "cuda",

@@ -1,0 +1,152 @@
+"""The cuda backend (spectral_kernels._C) against the float64 reference, on a GPU.
+
+The rule (DESIGN.md §9, tests/helpers.py): error ≤ 2× plain PyTorch's error in the same dtype, plus
+a tiny floor. Shapes are odd on purpose: T ∈ {1, 3, 16} runs the decode plan (one launch), T = 129
+the mma plan; in/out/k are not multiples of any tile, chunk or vector width unless a test says so.
+Skipped unless a CUDA device is visible and _C is built for it.
+"""
+import pytest
+import torch
+
+import spectral_kernels as sk
+from spectral_kernels import _ext
+from spectral_kernels.ops.reference import lowrank_coeff_grad_ref, spectral_linear_ref
+from tests.helpers import assert_matches_reference, make_operands, rel_err
+
+
+def _cuda_ready() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA device"
+    status = _ext.cuda_backend_status(torch.device("cuda"))
+    return status.available, status.reason
+
+
+_READY, _WHY = _cuda_ready()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _READY, reason=_WHY)]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+cuda_backend = lambda *a: sk.spectral_linear(*a, backend="cuda")  # noqa: E731
+
+# (leading dims, in, out, k)
+SHAPES = [
+    ((1,), 37, 53, 5),          # decode, T = 1
+    ((3,), 257, 300, 130),      # decode, T = 3, k over several z tiles
+    ((2, 8), 37, 53, 5),        # decode, T = 16 from batch dims
+    ((16,), 257, 53, 130),
+    ((3, 43), 37, 53, 5),       # mma plan, T = 129
+    ((129,), 257, 300, 130),
+    ((129,), 37, 300, 5),
+]
+# Shapes reaching the decode plan's aligned 16-byte path (in a multiple of 8), several x chunks and
+# z splits (in > 2048 for T <= 4, > 512 for T <= 16) and several z ⊙ d chunks (k > 512).
+DECODE_EDGES = [((1,), 2056, 53, 5), ((4,), 264, 61, 7), ((9,), 1032, 300, 130), ((16,), 37, 53, 600)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,n_in,n_out,k", SHAPES)
+def test_cuda_matches_reference(dtype, lead, n_in, n_out, k):
+    ops = make_operands(lead, n_in, n_out, k, device="cuda")
+    assert_matches_reference(cuda_backend, ops, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,n_in,n_out,k", DECODE_EDGES)
+def test_cuda_decode_edges(dtype, lead, n_in, n_out, k):
+    ops = make_operands(lead, n_in, n_out, k, device="cuda")
+    assert_matches_reference(cuda_backend, ops, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(3, 5), (5, 43)])  # decode (T = 15) and mma (T = 215)
+def test_cuda_non_contiguous_x(dtype, lead):
+    ops = make_operands(lead, 37, 53, 5, transpose_x=True, device="cuda")
+    assert not ops.x.is_contiguous()
+    assert_matches_reference(cuda_backend, ops, dtype)
+
+
+@pytest.mark.parametrize("tokens", [3, 129])
+@pytest.mark.parametrize("bias,weight", [(False, True), (True, False), (False, False)])
+def test_cuda_optional_bias_and_weight(tokens, bias, weight):
+    ops = make_operands((tokens,), 37, 53, 5, bias=bias, weight=weight, device="cuda")
+    assert_matches_reference(cuda_backend, ops, torch.float32)
+
+
+@pytest.mark.parametrize("tokens", [3, 129])
+def test_cuda_transposed_weight_and_factors(tokens):
+    """Every operand through its strides: weight, U, V as transposed views."""
+    ops = make_operands((tokens,), 40, 56, 8, device="cuda")
+    ops.weight = ops.weight.t().contiguous().t()
+    ops.U = ops.U.t().contiguous().t()
+    ops.V = ops.V.t().contiguous().t()
+    assert not ops.weight.is_contiguous()
+    assert_matches_reference(cuda_backend, ops, torch.float16)
+
+
+def test_cuda_trainable_factors():
+    ops = make_operands((2, 7), 37, 53, 5, device="cuda")
+    report = assert_matches_reference(cuda_backend, ops, torch.float32, grads=("x", "U", "d", "V", "bias"))
+    assert set(report) == {"y", "dx", "dU", "dd", "dV", "dbias"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 129, 1000])
+def test_coeff_and_bias_grads(dtype, tokens):
+    from spectral_kernels.ops.spectral_linear_cuda import coeff_and_bias_grads
+
+    dy = torch.randn(tokens, 53, device="cuda", dtype=torch.float64)
+    z = torch.randn(tokens, 130, device="cuda", dtype=torch.float64)
+    g = torch.randn(tokens, 130, device="cuda", dtype=torch.float64)
+    dd, db = coeff_and_bias_grads(dy.to(dtype), z.to(dtype), g.to(dtype))
+    assert dd.dtype == torch.float32 and db.dtype == dtype
+    dd_ref = lowrank_coeff_grad_ref(z.to(dtype), g.to(dtype)).double()  # inputs rounded as ours were
+    assert rel_err(dd, dd_ref) < 1e-4
+    db_ref = dy.to(dtype).double().sum(0)
+    assert rel_err(db, db_ref) <= 2 * rel_err(dy.to(dtype).sum(0), db_ref) + torch.finfo(dtype).eps
+    dd2, db2 = coeff_and_bias_grads(dy.to(dtype), z.to(dtype), g.to(dtype))
+    assert torch.equal(dd, dd2) and torch.equal(db, db2)  # fixed summation order
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 129])
+def test_cuda_forward_is_deterministic(tokens):
+    ops = make_operands((tokens,), 257, 300, 130, device="cuda").cast(torch.float16)
+    y1 = cuda_backend(*ops.as_tuple())
+    y2 = cuda_backend(*ops.as_tuple())
+    assert torch.equal(y1, y2)
+
+
+def test_cuda_on_a_side_stream():
+    ops = make_operands((5,), 257, 300, 130, device="cuda").cast(torch.float32)
+    expected = spectral_linear_ref(*ops.as_tuple())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = cuda_backend(*ops.as_tuple())
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [4, 129])
+def test_cuda_opcheck(tokens):
+    from spectral_kernels.ops import spectral_linear_cuda as cu
+
+    ops = make_operands((tokens,), 37, 53, 5, device="cuda").cast(torch.float16)
+    x, U, d, V, bias, weight = ops.as_tuple()
+    if tokens <= cu.DECODE_MAX_TOKENS:
+        torch.library.opcheck(cu._cuda_decode_forward, (x, U, d, V, bias, weight))
+    torch.library.opcheck(cu._cuda_lowrank_gemm, (x, weight.t(), x @ V, U.t(), d, bias))
+    torch.library.opcheck(cu._cuda_coeff_and_bias_grads, (x @ V, x @ V, x @ weight.t()))
+
+
+def test_cuda_under_torch_compile():
+    from spectral_kernels.ops import spectral_linear_cuda as cu
+
+    ops = make_operands((2, 9), 37, 53, 5, device="cuda").cast(torch.float16)
+    x, U, d, V, bias, weight = ops.as_tuple()
+    x2d = x.reshape(-1, x.shape[-1])
+    for tokens in (5, 18):  # decode plan, mma plan
+        args = (x2d[:tokens], U, d, V, bias, weight)
+        fwd = torch.compile(cu.spectral_linear_fwd_cuda, fullgraph=True)
+        for got, want in zip(fwd(*args), cu.spectral_linear_fwd_cuda(*args)):
+            torch.testing.assert_close(got, want)
+    fn = torch.compile(cuda_backend)
+    torch.testing.assert_close(fn(*ops.as_tuple()), cuda_backend(*ops.as_tuple()))
