@@ -30,14 +30,15 @@ class SpectralConfig:
             ``model.named_modules()``. A list: an entry matches a name equal to it or ending in
             ``"." + entry`` (``["query", "value"]`` matches ``encoder.layer.0.attention.self.query``).
             A string: a regular expression that must match the whole name (``re.fullmatch``), as
-            in peft; ``"all-linear"`` takes every nn.Linear / Conv1D except the output embedding.
+            in peft; ``"all-linear"`` takes every nn.Linear / Conv1D except the output embedding
+            (``model.get_output_embeddings()``) and those inside ``modules_to_save``.
             Every list entry (and the regex) must match at least one module, and every matched module
             must be an nn.Linear or a transformers Conv1D.
         exclude_modules: names dropped from the matches, with the same rules (no match is not an
             error here).
         rank: k, the number of leading singular directions tuned per layer: an int
             (1 ≤ k ≤ min(in, out) for every target), ``"full"`` (k = min(in, out)), or a float in
-            (0, 1] (k = max(1, round(rank·min(in, out))) per layer).
+            (0, 1] (k = max(1, round(rank·min(in, out))) per layer, Python's round: half to even).
         mode: ``"scale"`` (φ = s ⊙ c, c₀ = 1), ``"shift"`` (φ = s + c, c₀ = 0), or ``"speclora"``
             ("scale" on the top k plus a LoRA pair of rank ``lora_rank``).
         form: ``"delta"`` keeps the frozen weight W and adds U·diag(φ − s)·Vᵀ (an exact identity at

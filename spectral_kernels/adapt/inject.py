@@ -80,7 +80,9 @@ def find_targets(model: nn.Module, config: SpectralConfig) -> dict[str, nn.Modul
     pattern = config.target_modules
     if pattern == ALL_LINEAR:
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        matched = [(n, m) for n, m in named if is_adaptable(m) and m is not out_emb]
+        keep = config.modules_to_save or []
+        matched = [(n, m) for n, m in named if is_adaptable(m) and m is not out_emb
+                   and not any(n == k or n.endswith("." + k) or f".{k}." in f".{n}" for k in keep)]
         if not matched:
             raise ValueError("target_modules='all-linear' matched no nn.Linear or Conv1D in the model")
     else:

@@ -84,7 +84,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def unload(model: nn.Module) -> nn.Module:
     """Replace every spectral layer by the pretrained dense layer it was built from, dropping the
-    adapter: W (delta form; bit-exact) or U·diag(s)·Vᵀ (pure form; exact up to the SVD's rounding)."""
+    adapter: W (delta form; bit-exact) or U·diag(s)·Vᵀ (pure form; exact up to the SVD's rounding).
+    The bias is the layer's current one: with ``train_bias=True`` that is the trained bias."""
     m = unwrap(model)
     layers = spectral_layers(m)
     if not layers:
