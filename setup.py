@@ -128,7 +128,6 @@ class CMakeBuild(build_ext):
         stamp = build_dir / "configure-args.txt"
         if stamp.exists() and stamp.read_text() != signature:
             (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
-            shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
         build_dir.mkdir(parents=True, exist_ok=True)
         _notice(f"building {ext.name} for CUDA architectures {archs} with {nvcc}")
         subprocess.run([cmake, "-S", str(ext.source_dir), "-B", str(build_dir), "-G", "Ninja", *args], check=True)
