@@ -75,7 +75,7 @@ def test_gradient_checkpointing(reentrant):
     ref = _grads(model)
     model.zero_grad()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     model(x, labels=y).loss.backward()
     got = _grads(model)
     assert set(got) == set(ref)
@@ -101,3 +101,12 @@ def test_training_lowers_the_loss(mode):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("mode", ["scale", "speclora"])
+def test_frozen_input_with_leading_dims(mode):
+    """The first adapted layer after frozen embeddings sees x [B, T, in] that does not require grad."""
+    model = adapt(MLP(), SpectralConfig(target_modules=["fc1"], rank=4, mode=mode, lora_rank=2), verbose=False)
+    x = torch.randn(2, 3, 13)
+    model(x).sum().backward()
+    assert model.fc1.coeffs.grad is not None and model.fc1.coeffs.grad.shape == (4,)
