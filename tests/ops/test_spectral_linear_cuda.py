@@ -150,3 +150,10 @@ def test_cuda_under_torch_compile():
             torch.testing.assert_close(got, want)
     fn = torch.compile(cuda_backend)
     torch.testing.assert_close(fn(*ops.as_tuple()), cuda_backend(*ops.as_tuple()))
+
+
+def test_bad_pointer_is_refused_before_launch():
+    """The bindings check what would fault on the device, and name the argument."""
+    C = _ext.extension()
+    with pytest.raises(ValueError, match="^a2: null device pointer"):
+        C.lowrank_gemm(None, None, (0, 1, 1), (0, 1, 1), None, None, (0, 1, 1), 4, 4, 0, 4, 1, 0)
