@@ -119,7 +119,7 @@ def _backward(ctx, dy, _dz):
         dx, dd, g = _spectral_linear_backward_op(dy, z, U, d, V, weight, ctx.backend)
     elif needs_d or needs_V:
         g = _flat(dy) @ U
-        dd = lowrank_coeff_grad_ref(z, g).to(d.dtype) if needs_d else None
+        dd = lowrank_coeff_grad_ref(_flat(z), g).to(d.dtype) if needs_d else None
     db = _flat(dy).sum(0) if needs_bias else None
     dU = _flat(dy).t() @ (_flat(z) * d) if needs_U else None
     dV = _flat(x).t() @ (g * d) if needs_V else None

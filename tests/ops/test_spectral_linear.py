@@ -50,9 +50,12 @@ def test_gradcheck_through_the_op():
     assert torch.autograd.gradcheck(fn, (ops.x, ops.U, ops.d, ops.V, ops.bias))
 
 
-def test_only_x_or_only_d_requires_grad():
-    ops = make_operands((6,), 8, 7, 3)
-    for grads in [("x",), ("d",), ("bias",)]:
+@pytest.mark.parametrize("lead", [(6,), (2, 3, 4)])
+def test_only_some_operands_require_grad(lead):
+    # A frozen x (the layer right after a frozen embedding) skips the backward op: dd, dV and
+    # dbias then come from the glue, with every leading dim flattened.
+    ops = make_operands(lead, 8, 7, 3)
+    for grads in [("x",), ("d",), ("bias",), ("d", "V"), ("U",)]:
         assert_matches_reference(torch_backend, ops, torch.float64, grads=grads)
 
 
