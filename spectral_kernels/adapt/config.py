@@ -11,7 +11,7 @@ import json
 import math
 import numbers
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 MODES = ("scale", "shift", "speclora")

@@ -1,10 +1,8 @@
 """adapt(): target selection, exact identity at initialisation, freezing, errors, the batched SVD."""
 import pytest
 import torch
-from torch import nn
 
 from spectral_kernels.adapt import SpectralConfig, adapt, count_parameters, print_trainable_parameters, spectral_layers
-from spectral_kernels.nn import SpectralLinear
 from spectral_kernels.nn.speclora import SpecLoRALinear
 from tests.adapt.models import MLP, tiny_bert, tiny_gpt2, tokens
 
