@@ -233,11 +233,10 @@ def _convergence_error(Z: Tensor, Ur: Tensor, S: Tensor, V: Tensor, S_all: Tenso
 def _randomized(
     A: Tensor, k: int, l: int, omega: Tensor, n_iter: int, tol: float | None, budget: int | None
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, int]:
-    """Subspace iteration on A [B, m, n] with sketch omega [n, l].
+    """Subspace iteration on A [B, m, n] from the Gaussian sketch omega [n, l].
 
-    Without tol: exactly n_iter iterations. With tol: stops each matrix at its first iteration that
-    passes the test; gives up on a matrix when it is predicted (from the last error reduction) not to
-    pass within ``budget`` iterations. Returns ((U, S, V), converged [B] bool, iterations run).
+    Without tol: exactly n_iter iterations. With tol: see :func:`_subspace_iteration`.
+    Returns ((U, S, V), converged [B] bool, iterations run).
     """
     B = A.shape[0]
     At = A.transpose(-2, -1)
@@ -248,15 +247,28 @@ def _randomized(
             Q, R = orthonormalize(A @ Vq)
         U, S, V, _, _ = _ritz(Q, R, Vq, k)
         return (U, S, V), torch.ones(B, dtype=torch.bool, device=A.device), n_iter
-
-    normA2 = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64) ** 2
     limit = n_iter if budget is None else min(n_iter, budget)
+    return _subspace_iteration(A, k, At @ Q, limit, tol, budget)
+
+
+def _subspace_iteration(
+    A: Tensor, k: int, Z: Tensor, limit: int, tol: float, budget: int | None
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, int]:
+    """Subspace iteration on A [B, m, n] started from the right block Z [B, n, l], with the test.
+
+    Each iteration: Vq = orth(Z), A·Vq = Q·R, Ritz triplets, Z = Aᵀ·Q, test. Stops each matrix at its
+    first iteration that passes the test (at most ``limit``); with ``budget``, gives up on a matrix
+    when it is predicted (from the last error reduction) not to pass within the iterations left.
+    Returns ((U, S, V), converged [B] bool, iterations run).
+    """
+    B = A.shape[0]
+    At = A.transpose(-2, -1)
+    normA2 = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64) ** 2
     done = torch.zeros(B, dtype=torch.bool, device=A.device)
     hopeless = torch.zeros_like(done)
     out_U = torch.zeros(B, A.shape[-2], k, dtype=A.dtype, device=A.device)
     out_S = torch.zeros(B, k, dtype=A.dtype, device=A.device)
     out_V = torch.zeros(B, A.shape[-1], k, dtype=A.dtype, device=A.device)
-    Z = At @ Q
     prev_err = None
     it = 0
     while it < limit:
@@ -285,27 +297,60 @@ def _randomized(
     return (out_U, out_S, out_V), done, it
 
 
+def _eigh_start(A: Tensor, l: int) -> Tensor:
+    """Top-l eigenvectors [B, n, l] of G = AᵀA, formed and diagonalised in A's (compute) dtype."""
+    G = A.transpose(-2, -1) @ A
+    _, evecs = torch.linalg.eigh(G)  # ascending eigenvalues
+    return evecs[..., -l:].flip(-1)
+
+
+def _gram_refined(A: Tensor, k: int, l: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The Gram-eigen route in the working precision, checked: Z₀ = top-l eigenvectors of AᵀA
+    (fp32 for fp32 input), then at most ``GRAM_REFINE_ITERS`` subspace iterations with the
+    convergence test; items that do not pass (or whose eigh fails) are redone by :func:`_gram`."""
+    try:
+        Z = _eigh_start(A, l)
+    except torch.linalg.LinAlgError:
+        return _gram(A, k)
+    (U, S, V), done, _ = _subspace_iteration(A, k, Z, GRAM_REFINE_ITERS, tol, None)
+    if not bool(done.all()):
+        bad = (~done).nonzero().flatten()
+        Ug, Sg, Vg = _gram(A[bad], k)
+        U, S, V = U.index_copy(0, bad, Ug), S.index_copy(0, bad, Sg), V.index_copy(0, bad, Vg)
+    return U, S, V
+
+
 # --- cost model for "auto" -----------------------------------------------------------------------
-#: Rates in flop/s used only as ratios: fp64 GEMM ≈ half of fp32, eigh(n) ≈ 9·n³ fp64 flops
-#: (measured on a 2-core AMD EPYC: 1024×1024 eigh 93 ms, 1536×1024 fp64 Gram 32 ms, fp32 A·Q 0.74 ms).
-#: On CUDA eigh is latency-bound and relatively slower; 30·n³ is an unmeasured guess.
-_EIGH_FLOPS = {"cpu": 9.0, "cuda": 30.0}
-
-
-def _gram_cost(m: int, n: int, k: int, device: torch.device) -> float:
-    """Predicted time of the Gram route in fp32-flop units."""
-    c = _EIGH_FLOPS.get(device.type, 9.0)
-    return 2.0 * (2.0 * m * n * n + c * n ** 3 + 2.0 * m * n * k)
+#: Costs in units of one fp32 GEMM flop (only ratios matter), measured on a 2-core AMD EPYC with
+#: torch 2.13 / MKL: fp32 GEMM ≈ 5 ps/flop; batched fp32 eigh(n) ≈ 60-80 ps·n³ (384: 4.4 ms,
+#: 1024: 66 ms), i.e. ≈ 15·n³ units; one subspace iteration (two products, two CholeskyQR2 with
+#: float64 Grams, the l×l SVD, the test) ≈ 2.5× its GEMM flop count plus ≈ 0.15 ms per matrix
+#: (24×384×384, l = 48: 0.6 ms per matrix; 1536×1024: 3.2 ms). On CUDA eigh is latency-bound and
+#: relatively slower; 60·n³ is an unmeasured guess.
+_EIGH_UNITS = {"cpu": 15.0, "cuda": 60.0}
+_ITER_OVERHEAD_UNITS = 3e7
+#: "auto" tries the randomized iteration only when the Gram-eigen route costs at least this many
+#: of its iterations: a fast-decaying spectrum converges in 3-6, a flat one needs 10-20+ (MiniLM's
+#: 384×384 matrices: 19 at p = 16), so below it the eigh route is the better bet.
+MIN_RANDOMIZED_BUDGET = 12
+#: Subspace iterations (each ending with the test) after the eigh start before the float64 route.
+GRAM_REFINE_ITERS = 3
 
 
 def _iteration_cost(m: int, n: int, l: int) -> float:
-    """One randomized iteration: A·Vq, Aᵀ·Q (fp32) and two CholeskyQR2 (fp64 Grams)."""
-    return 4.0 * m * n * l + 2.0 * 2.0 * 2.0 * (m + n) * l * l
+    """One subspace iteration: A·Vq, Aᵀ·Q (fp32), two CholeskyQR2 (fp64 Grams), small SVD, test."""
+    return 2.5 * (4.0 * m * n * l + 8.0 * (m + n) * l * l) + _ITER_OVERHEAD_UNITS
+
+
+def _gram_cost(m: int, n: int, k: int, l: int, device: torch.device) -> float:
+    """Predicted time of the checked Gram-eigen route (m ≥ n): AᵀA, eigh, one refinement iteration."""
+    c = _EIGH_UNITS.get(device.type, 15.0)
+    return 2.0 * m * n * n + c * n ** 3 + _iteration_cost(m, n, l)
 
 
 def iteration_budget(m: int, n: int, k: int, l: int, device: torch.device) -> int:
-    """Randomized iterations that cost as much as the Gram route (m ≥ n)."""
-    return int(_gram_cost(m, n, k, device) // _iteration_cost(m, n, l))
+    """Randomized iterations that cost as much as the Gram-eigen route (m ≥ n)."""
+    return int(_gram_cost(m, n, k, l, device) // _iteration_cost(m, n, l))
 
 
 # --- public single-stack entry --------------------------------------------------------------------
@@ -334,16 +379,16 @@ def _truncated_svd_tall(
         (U, S, V), _, _ = _randomized(A, k, l, omega, iters, tol, None)
         return U, S, V
     # auto
+    tol = CONTRACT_TOL if tol is None else tol
     budget = iteration_budget(m, n, k, l, A.device)
-    if n_iter is not None:
-        budget = min(budget, n_iter)
-    if budget < 3:
-        return _gram(A, k)
+    cap = budget if n_iter is None else min(budget, n_iter)
+    if budget < MIN_RANDOMIZED_BUDGET or cap < 3:
+        return _gram_refined(A, k, l, tol)
     omega = _make_omega(n, l, A.dtype, A.device, generator)
-    (U, S, V), done, _ = _randomized(A, k, l, omega, budget, CONTRACT_TOL if tol is None else tol, budget)
+    (U, S, V), done, _ = _randomized(A, k, l, omega, cap, tol, cap)
     if not bool(done.all()):
         bad = (~done).nonzero().flatten()
-        Ug, Sg, Vg = _gram(A[bad], k)
+        Ug, Sg, Vg = _gram_refined(A[bad], k, l, tol)
         U, S, V = U.index_copy(0, bad, Ug), S.index_copy(0, bad, Sg), V.index_copy(0, bad, Vg)
     return U, S, V
 
