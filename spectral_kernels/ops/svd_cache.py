@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 #: bump when the algorithm changes in a way that changes results
-CACHE_FORMAT = "truncated_svd-v1"
+CACHE_FORMAT = "truncated_svd-v2"  # v2: "auto" gained the checked fp32 Gram-eigen route
 
 
 def cache_key(A: Tensor, options: dict[str, Any]) -> str:

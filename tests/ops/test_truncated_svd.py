@@ -114,6 +114,94 @@ def test_auto_takes_gram_route_when_sketch_is_not_small(monkeypatch):
     assert_contract(A, 30, truncated_svd(A, 30), "k close to n")
 
 
+def _spy(monkeypatch, name):
+    """Replace tsvd.<name> by a wrapper recording the batch size of each call."""
+    real, seen = getattr(tsvd, name), []
+
+    def spy(A, *a, **kw):
+        seen.append(A.shape[0])
+        return real(A, *a, **kw)
+
+    monkeypatch.setattr(tsvd, name, spy)
+    return seen
+
+
+def test_auto_cost_model_routes_small_n_to_the_eigh_route():
+    cpu = torch.device("cpu")
+    # MiniLM's shapes (tall orientation, k = 32, l = 48) go straight to the eigh route ...
+    for m, n in [(384, 384), (1536, 384)]:
+        assert tsvd.iteration_budget(m, n, 32, 48, cpu) < tsvd.MIN_RANDOMIZED_BUDGET, (m, n)
+    # ... a 1536×1024 matrix tries the randomized iteration first
+    assert tsvd.iteration_budget(1536, 1024, 32, 48, cpu) >= tsvd.MIN_RANDOMIZED_BUDGET
+
+
+@pytest.mark.parametrize("name", ["flat", "near_flat_noise", "power1", "slow_log"])
+def test_auto_eigh_route_passes_its_check_without_fallback(monkeypatch, name):
+    gram64 = _spy(monkeypatch, "_gram")
+    rand = _spy(monkeypatch, "_randomized")
+    A = torch.stack([with_spectrum(384, 384, spectrum(name, 384), seed=s) for s in range(3)])
+    res = truncated_svd(A, 32)
+    assert rand == [] and gram64 == [], f"randomized calls {rand}, float64 fallback calls {gram64}"
+    for i in range(3):
+        assert_contract(A[i], 32, (res.U[i], res.S[i], res.V[i]), f"{name} [{i}]")
+
+
+def test_auto_eigh_route_falls_back_on_failed_check(monkeypatch):
+    # item 0 gets a start block unrelated to A and a single refinement iteration: the test cannot
+    # pass on its near-flat spectrum, so it must be redone by the float64 Gram route; item 1 keeps
+    # its eigh start and must not be redone
+    real_start = tsvd._eigh_start
+
+    def bad_start(A, l):
+        Z = real_start(A, l)
+        g = torch.Generator().manual_seed(0)
+        Z[0] = torch.linalg.qr(torch.randn(A.shape[-1], l, generator=g))[0].to(A.dtype)
+        return Z
+
+    monkeypatch.setattr(tsvd, "_eigh_start", bad_start)
+    monkeypatch.setattr(tsvd, "GRAM_REFINE_ITERS", 1)
+    gram64 = _spy(monkeypatch, "_gram")
+    A = torch.stack([with_spectrum(200, 150, spectrum("near_flat_linear", 150), seed=1),
+                     with_spectrum(200, 150, spectrum("slow_log", 150), seed=2)])
+    res = truncated_svd(A, 12)
+    assert gram64 == [1], f"expected one item redone in float64, got calls {gram64}"
+    for i in range(2):
+        assert_contract(A[i], 12, (res.U[i], res.S[i], res.V[i]), f"item {i}")
+
+
+def test_auto_eigh_route_full_rank_k_needs_no_fallback(monkeypatch):
+    # k = min(m, n): the optimal residual is 0, only the singular values are tested
+    gram64 = _spy(monkeypatch, "_gram")
+    A = with_spectrum(150, 60, spectrum("power1", 60), seed=6)
+    U, S, V = truncated_svd(A, 60)
+    assert gram64 == []
+    torch.testing.assert_close(S.double(), torch.linalg.svdvals(A.double()), rtol=1e-5, atol=0)
+    torch.testing.assert_close((U * S) @ V.T, A, rtol=0, atol=1e-5)
+
+
+def test_auto_eigh_route_falls_back_when_eigh_fails(monkeypatch):
+    def failing(*a, **kw):
+        raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+
+    monkeypatch.setattr(tsvd, "_eigh_start", failing)
+    gram64 = _spy(monkeypatch, "_gram")
+    A = with_spectrum(120, 90, spectrum("power1", 90))
+    assert_contract(A, 10, truncated_svd(A, 10), "eigh failure")
+    assert gram64 == [1]
+
+
+def test_auto_randomized_hands_unconverged_items_to_the_eigh_route(monkeypatch):
+    eigh_route = _spy(monkeypatch, "_gram_refined")
+    # big enough for the randomized iteration to be tried; a Gaussian matrix (flat top spectrum)
+    # does not converge within the budget, a power-law one does
+    g = torch.Generator().manual_seed(4)
+    A = torch.stack([torch.randn(1200, 800, generator=g), with_spectrum(1200, 800, spectrum("power1", 800), seed=5)])
+    res = truncated_svd(A, 16)
+    assert eigh_route == [1], f"eigh route calls {eigh_route}"
+    for i in range(2):
+        assert_contract(A[i], 16, (res.U[i], res.S[i], res.V[i]), f"item {i}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes(dtype):
     A = with_spectrum(150, 90, spectrum("power1", 90), dtype=dtype)
