@@ -11,7 +11,8 @@ Cases (issue 4 goals):
 - on CUDA only: batches of 4096×4096 and 4096×11008 at k ∈ {64, 256} against torch.linalg.svd
   (each cuSOLVER driver) and torch.svd_lowrank: goals ≥ 10× and ≥ 2× at equal accuracy.
 
-Times are medians of ``--reps`` runs after one warm-up. Accuracy columns: worst relative error of
+Times are medians of ``--reps`` rounds after one warm-up, the candidates of a case interleaved
+(one call of each per round). Accuracy columns: worst relative error of
 the top-k singular values, residual ‖A − U·diag(S)·Vᵀ‖_F over the optimal rank-k error, and
 orthonormality max|UᵀU − I|, |VᵀV − I|, all against a float64 SVD.
 """
@@ -50,28 +51,35 @@ def git_commit() -> str:
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "spectral_kernels", "benchmarks/bench_truncated_svd.py"],
-                               cwd=root).returncode != 0
+        # the code this benchmark runs (other modules' uncommitted edits do not change its numbers)
+        paths = ["spectral_kernels/ops/truncated_svd.py", "spectral_kernels/ops/_orthonormalize.py",
+                 "spectral_kernels/ops/svd_cache.py", "spectral_kernels/ops/_checks.py",
+                 "benchmarks/bench_truncated_svd.py"]
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=root).returncode != 0
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 # --- timing and accuracy ------------------------------------------------------------------------------
-def median_time(fn, reps: int, device: str) -> float:
+def median_times(fns: dict, reps: int, device: str) -> dict:
+    """name → median seconds of fn() over ``reps`` rounds after one warm-up each. The candidates are
+    interleaved (one call of each per round), so drifts of a shared, noisy machine hit them alike."""
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    sync()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def accuracy(A: torch.Tensor, k: int, U, S, V, s_ref: torch.Tensor) -> dict:
@@ -129,16 +137,17 @@ def _lowrank_trunc(A, k, p, niter):
 
 def bench_matrix(label: str, A: torch.Tensor, k: int, reps: int, device: str, skip=()) -> dict:
     s_ref = torch.linalg.svdvals(A.double().cpu()).to(A.device)
-    rows = {}
+    rows, fns = {}, {}
     for name, fn in providers(k, device).items():
         if name in skip:
             continue
         try:
-            t = median_time(lambda: fn(A), reps, device)
-            acc = accuracy(A, k, *fn(A), s_ref)
-            rows[name] = {"time_s": t, **acc}
+            rows[name] = accuracy(A, k, *fn(A), s_ref)
+            fns[name] = (lambda f: lambda: f(A))(fn)
         except Exception as exc:  # a failing driver is a result, not a crash
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    for name, t in median_times(fns, reps, device).items():
+        rows[name] = {"time_s": t, **rows[name]}
     base = rows.get("torch.linalg.svd", {}).get("time_s")
     for r in rows.values():
         if base and "time_s" in r:
@@ -169,11 +178,11 @@ def bench_minilm(k: int, reps: int, device: str) -> dict:
     def lowrank_loop():
         return {n: torch.svd_lowrank(A, q=k, niter=2) for n, A in mats.items()}
 
+    fns = {"batched_truncated_svd(auto)": ours, "looped torch.linalg.svd": looped,
+           "looped torch.svd_lowrank(q=k,niter=2)": lowrank_loop}
     rows = {}
-    for name, fn in {"batched_truncated_svd(auto)": ours, "looped torch.linalg.svd": looped,
-                     "looped torch.svd_lowrank(q=k,niter=2)": lowrank_loop}.items():
-        t = median_time(fn, reps, device)
-        res = fn()
+    for name, t in median_times(fns, reps, device).items():
+        res = fns[name]()
         worst = {"sv_rel_err": 0.0, "residual_ratio": 0.0, "orth_err": 0.0}
         for n, A in mats.items():
             s_ref = torch.linalg.svdvals(A.double().cpu()).to(A.device)
@@ -192,7 +201,7 @@ def bench_minilm(k: int, reps: int, device: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     dev = args.device
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "commit": git_commit(),
         "reps": args.reps,
-        "timing": "median of reps after one warm-up (time.perf_counter, CUDA synchronized)",
+        "timing": "median of reps rounds after one warm-up, candidates of a case interleaved (time.perf_counter, CUDA synchronized)",
         "cases": [],
     }
     results["cases"].append(bench_matrix("power-law 1/i", power_law(1536, 1024, device=dev), 32, args.reps, dev))
