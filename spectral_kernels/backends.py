@@ -6,8 +6,9 @@ Three ways to choose, strongest first:
 2. the :func:`use_backend` context manager;
 3. the ``SPECTRAL_KERNELS_BACKEND`` environment variable.
 
-``"auto"`` resolves per call: ``"triton"`` for CUDA tensors when Triton imports, ``"torch"``
-otherwise. An explicit request for a backend that cannot run the call raises
+``"auto"`` resolves per call: on CUDA tensors in fp32/fp16/bf16, ``"cuda"`` for the shapes whose
+compiled plan is preferred (the decode plan, T <= 16, when ``spectral_kernels._C`` is built for the
+device), else ``"triton"`` when Triton imports; ``"torch"`` otherwise. An explicit request for a backend that cannot run the call raises
 :class:`BackendUnavailableError` saying why; it never silently falls back.
 """
 from __future__ import annotations
@@ -139,8 +140,27 @@ def _ambient_backend() -> str:
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+def _auto_prefers_cuda(device: torch.device, dtype: torch.dtype | None, shape: tuple[int, int, int, int]) -> bool:
+    """The compiled backend is available here and its plan for this shape is the one to run."""
+    if not backend_status("cuda", device).available:
+        return False
+    from spectral_kernels.ops.spectral_linear_cuda import prefers_cuda
+
+    return prefers_cuda(*shape, dtype if dtype is not None else torch.float32)
+
+
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    shape: tuple[int, int, int, int] | None = None,
+) -> str:
     """Turn a request (possibly "auto") into a concrete backend that can run on ``device``.
+
+    ``shape`` = (tokens, in_features, out_features, k) lets "auto" pick per plan: on CUDA, the
+    shapes the compiled backend's plans serve better (``spectral_linear_cuda.prefers_cuda``: the
+    decode plan, T <= 16) go to "cuda" when ``spectral_kernels._C`` is built for this device, the
+    rest to "triton".
 
     Raises:
         BackendUnavailableError: an explicitly requested backend cannot run here; the message
@@ -149,8 +169,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     name = requested_backend(backend)
     if name == "auto":
         kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
-        if device.type == "cuda" and kernel_dtype and backend_status("triton", device).available:
-            return "triton"
+        if device.type == "cuda" and kernel_dtype:
+            if shape is not None and _auto_prefers_cuda(device, dtype, shape):
+                return "cuda"
+            if backend_status("triton", device).available:
+                return "triton"
         return "torch"
     status = backend_status(name, device)
     if not status.available:

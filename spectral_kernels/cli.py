@@ -37,9 +37,8 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _extension_summary(ext) -> str:
-    if ext._C is None:
-        return f"not built ({ext.IMPORT_ERROR})"
-    return "spectral_kernels._C loaded"
+    # built or not (and how to rebuild), compiled architectures, CUDA runtime, visible devices
+    return ext.extension_summary()
 
 
 def _bench(args: argparse.Namespace) -> int:

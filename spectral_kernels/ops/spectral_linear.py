@@ -177,8 +177,9 @@ def spectral_linear(
         x, U, d, V, bias, weight = (_autocast(t, dtype) for t in (x, U, d, V, bias, weight))
         with torch.autocast(device_type, enabled=False):
             return spectral_linear(x, U, d, V, bias, weight, backend=backend)
-    check_spectral_linear_args(x, U, d, V, bias, weight)
-    concrete = resolve_backend(backend, x.device, x.dtype)
+    in_features, out_features, k = check_spectral_linear_args(x, U, d, V, bias, weight)
+    tokens = x.numel() // in_features if in_features else 0
+    concrete = resolve_backend(backend, x.device, x.dtype, (tokens, in_features, out_features, k))
     y, _ = _spectral_linear_op(x, U, d, V, bias, weight, concrete)
     return y
 

@@ -171,8 +171,8 @@ def _calls_backend(monkeypatch):
     seen = []
     real = mod.resolve_backend
 
-    def spy(backend, device, dtype=None):
-        seen.append(real(backend, device, dtype))
+    def spy(backend, device, dtype=None, shape=None):
+        seen.append(real(backend, device, dtype, shape))
         return "torch"  # run on torch whatever was chosen, so the test runs anywhere
 
     monkeypatch.setattr(mod, "resolve_backend", spy)
@@ -221,3 +221,18 @@ def test_auto_sends_float64_to_torch_even_on_cuda(monkeypatch):
     assert backends.resolve_backend("auto", cuda, torch.float64) == "torch"
     assert backends.resolve_backend("auto", cuda, torch.bfloat16) == "triton"
     assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+
+
+def test_auto_sends_decode_shapes_to_cuda_when_built(monkeypatch):
+    """"auto" on CUDA: the cuda backend for the decode plan (T <= 16) when _C is available, triton
+    for the rest; checked without a GPU by faking both backends' availability."""
+    from spectral_kernels import backends
+
+    real_status = backends.backend_status
+    monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (
+        backends.BackendStatus(name, True, "faked") if name in ("cuda", "triton") else real_status(name, device)))
+    cuda = torch.device("cuda")
+    assert backends.resolve_backend("auto", cuda, torch.float16, (16, 4096, 4096, 16)) == "cuda"
+    assert backends.resolve_backend("auto", cuda, torch.float16, (17, 4096, 4096, 16)) == "triton"
+    assert backends.resolve_backend("auto", cuda, torch.float16) == "triton"
+    assert backends.resolve_backend("auto", cuda, torch.float64, (1, 64, 64, 4)) == "torch"
