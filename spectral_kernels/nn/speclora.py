@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from spectral_kernels.nn.spectral_linear import SpectralLinear, _call_flat
+from spectral_kernels.nn.spectral_linear import SpectralLinear
 from spectral_kernels.ops.spectral_linear import spectral_linear
 
 
@@ -117,8 +117,7 @@ class SpecLoRALinear(SpectralLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         U, d, V = self.chain()
-        d = d.to(x.dtype)
-        return _call_flat(x, lambda x2d: spectral_linear(x2d, U, d, V, self.bias, self.weight, backend=self.backend))
+        return spectral_linear(x, U, d.to(x.dtype), V, self.bias, self.weight, backend=self.backend)
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:

@@ -152,8 +152,7 @@ class SpectralLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         d = self.coefficient_delta().to(x.dtype)
-        return _call_flat(x, lambda x2d: spectral_linear(x2d, self.U, d, self.V, self.bias, self.weight,
-                                                          backend=self.backend))
+        return spectral_linear(x, self.U, d, self.V, self.bias, self.weight, backend=self.backend)
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
@@ -182,16 +181,6 @@ class SpectralLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"mode={self.mode}, form={self.form}, bias={self.bias is not None}, backend={self.backend}"
         )
-
-
-def _call_flat(x: Tensor, fn) -> Tensor:
-    """fn on x flattened to [T, in], reshaped back to [..., out]. Same values as fn(x); it sidesteps
-    the op's backward taking dd from an unflattened z when x is frozen and has several leading dims
-    (the adapted layer right after a frozen embedding), a RuntimeError in ops/spectral_linear.py."""
-    if x.dim() <= 2:
-        return fn(x)
-    y = fn(x.reshape(-1, x.shape[-1]))
-    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _top_singular_triplets(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
