@@ -2,6 +2,8 @@
 
     spectral-kernels info                  versions, backends (and why each is or is not available), device
     spectral-kernels bench [--json PATH]   SpectralLinear vs frozen nn.Linear vs eager chain vs peft LoRA
+    spectral-kernels analyze BASE TUNED [TUNED ...] --k K --out DIR
+                                           how fine-tuning moved each weight's spectrum (markdown, JSON, PNGs)
 """
 from __future__ import annotations
 
@@ -61,6 +63,70 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from spectral_kernels.analysis import compare, load_state_dict, shared_basis, shared_summary, summarize, to_json
+    from spectral_kernels.analysis.report import MATPLOTLIB_HINT, plot_all, plot_shared
+
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        print(f"error: {MATPLOTLIB_HINT} (or pass --no-plots)", file=sys.stderr)
+        return 2
+    from tqdm.auto import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = False if args.no_progress else None
+    paths = [args.base, *args.tuned]
+    labels = _labels(args.tuned)
+    states = {}
+    for path in tqdm(paths, desc="loading", unit="model", disable=args.no_progress):
+        try:
+            states[path] = load_state_dict(path)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    base = states[args.base]
+    md = [f"# spectral analysis\n\nbase: `{args.base}`, k = {args.k}\n"]
+    result: dict = {"base": str(args.base), "k": args.k, "tuned": {}}
+    plots = []
+    for label, path in tqdm(list(zip(labels, args.tuned)), desc="comparing", unit="model", disable=args.no_progress):
+        reports = compare(base, states[path], k=args.k, include=args.include, exclude=args.exclude,
+                          progress=progress)
+        md.append(summarize(reports, title=f"{label} (`{path}`) vs base"))
+        result["tuned"][label] = {"path": str(path), "layers": reports}
+        if not args.no_plots:
+            plots += plot_all(reports, out, prefix=f"{label}_")
+    if len(args.tuned) > 1:
+        shared = shared_basis(base, [states[p] for p in args.tuned], k=args.k, include=args.include,
+                              exclude=args.exclude, progress=progress)
+        md.append(shared_summary(shared, labels))
+        result["shared_basis"] = {"labels": labels, "layers": shared}
+        if not args.no_plots:
+            plots.append(plot_shared(shared, labels, out))
+    if plots:
+        md.append("## plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    (out / "summary.md").write_text("\n".join(md))
+    (out / "analysis.json").write_text(to_json(result))
+    json.loads((out / "analysis.json").read_text())  # valid JSON, no NaN
+    print(f"wrote {out / 'summary.md'}, {out / 'analysis.json'} and {len(plots)} plot(s) to {out}")
+    return 0
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """Short unique labels for the tuned models: the file or folder stem, numbered on collisions."""
+    from pathlib import Path
+
+    stems = [Path(p).stem if Path(p).suffix else Path(p).name for p in paths]
+    out = []
+    for i, s in enumerate(stems):
+        s = "".join(c if c.isalnum() or c in "-_" else "_" for c in s) or "tuned"
+        out.append(s if stems.count(stems[i]) == 1 else f"{i}_{s}")
+    return out
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -84,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reps", type=_positive, default=15, help="timed calls per provider and phase")
     bench.add_argument("--json", metavar="PATH", help="also save the report as JSON")
     bench.set_defaults(func=_bench)
+    analyze = sub.add_parser("analyze", help="spectral comparison of fine-tuned weights with their base")
+    analyze.add_argument("base", help="safetensors file, torch state_dict file or Hugging Face model folder")
+    analyze.add_argument("tuned", nargs="+", help="one or more fine-tuned models (same formats)")
+    analyze.add_argument("--k", type=_positive, default=16, help="leading singular triplets per weight (default 16)")
+    analyze.add_argument("--out", required=True, help="folder for summary.md, analysis.json and the PNG plots")
+    analyze.add_argument("--include", default=None, help="regex: only weights whose name matches")
+    analyze.add_argument("--exclude", default=None, help="regex: skip weights whose name matches")
+    analyze.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
+    analyze.add_argument("--no-progress", action="store_true", help="no progress bars")
+    analyze.set_defaults(func=_analyze)
     return parser
 
 
