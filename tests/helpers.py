@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from spectral_kernels.ops.reference import spectral_linear_ref
+from spectral_kernels.ops.reference import spectral_linear_bwd_ref, spectral_linear_fwd_ref, spectral_linear_ref
 
 OPERANDS = ("x", "U", "d", "V", "bias", "weight")
 
@@ -99,3 +99,22 @@ def assert_matches_reference(fn, base: Operands, dtype: torch.dtype, grads=("x",
             f"{key} in {dtype}: relative error {err:.3e} > 2 × plain PyTorch's {plain_err:.3e} + {floor:.1e}"
         )
     return report
+
+
+def backend_fwd_bwd(fwd, bwd, x2d, U, d, V, bias, weight, dy2d):
+    y, z = fwd(x2d, U, d, V, bias, weight)
+    dx, dd, g = bwd(dy2d, z, U, d, V, weight)
+    return {"y": y, "z": z, "dx": dx, "dd": dd, "g": g}
+
+
+def check_backend_direct(fwd, bwd, x2d, U, d, V, bias, weight, dy2d):
+    """A backend's ``fwd`` / ``bwd`` functions (flattened tokens, any strides) against the float64
+    reference with the 2× rule, for y, z, dx, dd and g."""
+    ours = backend_fwd_bwd(fwd, bwd, x2d, U, d, V, bias, weight, dy2d)
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    exact = backend_fwd_bwd(spectral_linear_fwd_ref, spectral_linear_bwd_ref, *map(f64, (x2d, U, d, V, bias, weight, dy2d)))
+    plain = backend_fwd_bwd(spectral_linear_fwd_ref, spectral_linear_bwd_ref, x2d, U, d, V, bias, weight, dy2d)
+    floor = torch.finfo(x2d.dtype).eps / 8
+    for key in ("y", "z", "dx", "dd", "g"):
+        err, plain_err = rel_err(ours[key], exact[key]), rel_err(plain[key], exact[key])
+        assert err <= 2 * plain_err + floor, f"{key}: {err:.3e} > 2 × {plain_err:.3e}"

@@ -11,7 +11,7 @@ import torch
 import spectral_kernels as sk
 from spectral_kernels import _ext
 from spectral_kernels.ops.reference import lowrank_coeff_grad_ref, spectral_linear_ref
-from tests.helpers import assert_matches_reference, make_operands, rel_err
+from tests.helpers import assert_matches_reference, check_backend_direct, make_operands, rel_err
 
 
 def _cuda_ready() -> tuple[bool, str]:
@@ -71,15 +71,16 @@ def test_cuda_optional_bias_and_weight(tokens, bias, weight):
     assert_matches_reference(cuda_backend, ops, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [3, 129])
-def test_cuda_transposed_weight_and_factors(tokens):
+def test_cuda_transposed_weight_and_factors(tokens, dtype):
     """Every operand through its strides: weight, U, V as transposed views."""
     ops = make_operands((tokens,), 40, 56, 8, device="cuda")
     ops.weight = ops.weight.t().contiguous().t()
     ops.U = ops.U.t().contiguous().t()
     ops.V = ops.V.t().contiguous().t()
     assert not ops.weight.is_contiguous()
-    assert_matches_reference(cuda_backend, ops, torch.float16)
+    assert_matches_reference(cuda_backend, ops, dtype)
 
 
 def test_cuda_trainable_factors():
@@ -157,3 +158,82 @@ def test_bad_pointer_is_refused_before_launch():
     C = _ext.extension()
     with pytest.raises(ValueError, match="^a2: null device pointer"):
         C.lowrank_gemm(None, None, (0, 1, 1), (0, 1, 1), None, None, (0, 1, 1), 4, 4, 0, 4, 1, 0)
+
+
+# --- operands the op's own reshapes never produce: the backend functions called directly ----------------
+def _cuda_backend_fns():
+    from spectral_kernels.ops import spectral_linear_cuda as cu
+
+    return cu.spectral_linear_fwd_cuda, cu.spectral_linear_bwd_cuda
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5, 16, 131])  # decode plan and mma plan
+def test_cuda_strided_x_and_dy(dtype, tokens):
+    """x = randn(in, T).t() and dy = randn(out, T).t(): column-major token matrices reach the
+    kernels as they are (the op's reshape would have copied them)."""
+    n_in, n_out, k = 37, 53, 5
+    ops = make_operands((tokens,), n_in, n_out, k, device="cuda").cast(dtype)
+    x = torch.randn(n_in, tokens, device="cuda", dtype=dtype).t()
+    dy = torch.randn(n_out, tokens, device="cuda", dtype=dtype).t()
+    assert x.stride() == (1, tokens) and dy.stride() == (1, tokens)
+    check_backend_direct(*_cuda_backend_fns(), x, ops.U, ops.d, ops.V, ops.bias, ops.weight, dy)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [4, 129])
+def test_cuda_padded_weight_rows(dtype, tokens):
+    """weight = Wbig[:, :in] with in % 8 != 0: a row pitch wider than the row, unaligned for 16-byte
+    loads (the decode plan must take its scalar path)."""
+    n_in, n_out, k = 45, 70, 6
+    ops = make_operands((tokens,), n_in, n_out, k, device="cuda").cast(dtype)
+    big = torch.randn(n_out, n_in + 19, device="cuda", dtype=dtype) / n_in**0.5
+    weight = big[:, :n_in]
+    assert weight.stride() == (n_in + 19, 1)
+    dy = torch.randn(tokens, n_out, device="cuda", dtype=dtype)
+    check_backend_direct(*_cuda_backend_fns(), ops.x, ops.U, ops.d, ops.V, ops.bias, weight, dy)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [3, 129])
+def test_cuda_expanded_dy(dtype, tokens):
+    """y.sum().backward() hands the backward an expanded dy (stride 0 in both dims)."""
+    base = make_operands((tokens,), 37, 53, 5, device="cuda")
+    grads = ("x", "d", "bias")
+    ours = base.cast(dtype, grads)
+    exact = base.cast(torch.float64, grads)
+    plain = base.cast(dtype, grads)
+    cuda_backend(*ours.as_tuple()).sum().backward()
+    spectral_linear_ref(*exact.as_tuple()).sum().backward()
+    spectral_linear_ref(*plain.as_tuple()).sum().backward()
+    floor = torch.finfo(dtype).eps / 8
+    for name in grads:
+        got, ref, pl = getattr(ours, name).grad, getattr(exact, name).grad, getattr(plain, name).grad
+        assert rel_err(got, ref) <= 2 * rel_err(pl, ref) + floor, name
+
+
+def test_cuda_expanded_dy_reaches_the_kernels_with_zero_strides():
+    dy = torch.ones(1, 1, device="cuda", dtype=torch.float16).expand(7, 53)
+    assert dy.stride() == (0, 0)
+    ops = make_operands((7,), 37, 53, 5, device="cuda").cast(torch.float16)
+    fwd, bwd = _cuda_backend_fns()
+    check_backend_direct(fwd, bwd, ops.x, ops.U, ops.d, ops.V, ops.bias, ops.weight, dy)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_cuda_decode_stress_is_bitwise_repeatable(tokens):
+    """A grid far larger than the device holds at once (out = 16384 rows), 100 launches: the
+    ticketed z blocks never deadlock and every result is bitwise equal."""
+    from spectral_kernels.ops import spectral_linear_cuda as cu
+
+    n_in, n_out, k = 4096, 16384, 64
+    ops = make_operands((tokens,), n_in, n_out, k, device="cuda").cast(torch.bfloat16)
+    y0, z0 = cu.spectral_linear_fwd_cuda(*ops.as_tuple())
+    for _ in range(100):
+        y, z = cu.spectral_linear_fwd_cuda(*ops.as_tuple())
+        assert torch.equal(y, y0) and torch.equal(z, z0)
+    torch.cuda.synchronize()
+    ref = spectral_linear_ref(*ops.cast(torch.float64).as_tuple())
+    plain = spectral_linear_ref(*ops.as_tuple())
+    assert rel_err(y0, ref) <= 2 * rel_err(plain, ref) + torch.finfo(torch.bfloat16).eps / 8

@@ -9,7 +9,8 @@ import torch
 
 import spectral_kernels as sk
 from spectral_kernels.backends import triton_interpret_enabled
-from tests.helpers import assert_matches_reference, make_operands
+from spectral_kernels.ops.reference import spectral_linear_ref
+from tests.helpers import assert_matches_reference, check_backend_direct, make_operands, rel_err
 
 pytestmark = pytest.mark.skipif(
     not (triton_interpret_enabled() or torch.cuda.is_available()),
@@ -81,6 +82,39 @@ def test_triton_refuses_float64():
 def test_triton_gpu_large(dtype, lead, n_in, n_out, k):
     ops = make_operands(lead, n_in, n_out, k, device="cuda")
     assert_matches_reference(triton_backend, ops, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 131])
+def test_triton_gpu_strided_operands(dtype, tokens):
+    """The launchers called directly with what the op's reshape never produces: column-major x and
+    dy, a weight with padded rows (in % 8 != 0), transposed factors."""
+    from spectral_kernels.ops import spectral_linear_triton as tri
+
+    n_in, n_out, k = 45, 70, 6
+    ops = make_operands((tokens,), n_in, n_out, k, device="cuda").cast(dtype)
+    x = torch.randn(n_in, tokens, device="cuda", dtype=dtype).t()
+    dy = torch.randn(n_out, tokens, device="cuda", dtype=dtype).t()
+    weight = (torch.randn(n_out, n_in + 19, device="cuda", dtype=dtype) / n_in**0.5)[:, :n_in]
+    U, V = ops.U.t().contiguous().t(), ops.V.t().contiguous().t()
+    check_backend_direct(tri.spectral_linear_fwd_triton, tri.spectral_linear_bwd_triton,
+                         x, U, ops.d, V, ops.bias, weight, dy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_gpu_expanded_dy(dtype):
+    """y.sum().backward(): the backward's dy is expanded, strides (0, 0)."""
+    base = make_operands((129,), 37, 53, 5, device="cuda")
+    grads = ("x", "d", "bias")
+    ours, exact, plain = base.cast(dtype, grads), base.cast(torch.float64, grads), base.cast(dtype, grads)
+    triton_backend(*ours.as_tuple()).sum().backward()
+    spectral_linear_ref(*exact.as_tuple()).sum().backward()
+    spectral_linear_ref(*plain.as_tuple()).sum().backward()
+    for name in grads:
+        got, ref, pl = getattr(ours, name).grad, getattr(exact, name).grad, getattr(plain, name).grad
+        assert rel_err(got, ref) <= 2 * rel_err(pl, ref) + torch.finfo(dtype).eps / 8, name
 
 
 @pytest.mark.gpu

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One command for a GPU session: build spectral_kernels._C in place for this device, then run a stage.
+#
+#   bash benchmarks/gpu/run.sh STAGE OUTDIR        STAGE: tests | sanitize | bench | all
+#
+#   tests     every test marked gpu (-rs, SPECTRAL_KERNELS_CUDA_SYNC=1; a skipped GPU test is a
+#             failure here), then the Triton test file on CUDA
+#   sanitize  compute-sanitizer memcheck, racecheck and synccheck over a reduced selection of the
+#             cuda-backend tests
+#   bench     the goal benchmarks (benchmarks/gpu/bench_goals.py) and the truncated SVD on a
+#             7B-class model (benchmarks/bench_truncated_svd.py --model-7b)
+#
+# Made for a fresh GPU machine with python3, torch, triton, nvcc, cmake, ninja, pybind11, peft,
+# transformers, pytest-benchmark and pytest-timeout installed, and no network: nothing is installed,
+# the package runs from this checkout (PYTHONPATH). Each stage writes JSON, logs and a summary table
+# (summary_<stage>.md) into OUTDIR. Without a CUDA device every stage says so and exits 0.
+# SK_COMMIT names the commit in the results where the checkout has no .git.
+set -uo pipefail
+stage=${1:?usage: run.sh tests|sanitize|bench|all OUTDIR}
+out=${2:?usage: run.sh tests|sanitize|bench|all OUTDIR}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+py=${PYTHON:-python3}
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+case "$stage" in tests|sanitize|bench|all) ;; *) echo "unknown stage '$stage' (tests, sanitize, bench, all)" >&2; exit 2 ;; esac
+
+if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "stage '$stage' skipped: no CUDA device is visible to torch on this machine" | tee "$out/summary_$stage.md"
+  exit 0
+fi
+
+# --- build _C in place, for this device's architecture only --------------------------------------
+arch=$("$py" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')
+build_log="$out/build.log"
+start=$SECONDS
+if ! SPECTRAL_KERNELS_CUDA=1 SPECTRAL_KERNELS_CUDA_ARCHS="$arch" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    "$py" setup.py -q build_ext --inplace >"$build_log" 2>&1; then
+  tail -40 "$build_log"
+  echo "build of spectral_kernels._C for sm_$arch FAILED (log: $build_log)" | tee "$out/summary_$stage.md"
+  exit 1
+fi
+echo "built spectral_kernels._C for sm_$arch in $((SECONDS - start)) s"
+"$py" -c 'from spectral_kernels import _ext; print(_ext.extension_summary())' || exit 1
+
+status=0
+run_tests() {
+  local junit="$out/tests_gpu.xml"
+  SPECTRAL_KERNELS_CUDA_SYNC=1 timeout 420 "$py" -m pytest -q -rs -m gpu -p no:cacheprovider \
+    --timeout 300 --junitxml "$junit" tests 2>&1 | tee "$out/tests_gpu.log"
+  local rc=${PIPESTATUS[0]}
+  # Triton tests that are not marked gpu run on CUDA here too (the interpreter is off).
+  SPECTRAL_KERNELS_CUDA_SYNC=1 timeout 240 "$py" -m pytest -q -rs -p no:cacheprovider --timeout 200 \
+    --junitxml "$out/tests_triton.xml" tests/ops/test_spectral_linear_triton.py 2>&1 | tee "$out/tests_triton.log"
+  local rc2=${PIPESTATUS[0]}
+  "$py" benchmarks/gpu/summarize_junit.py "$out/summary_tests.md" "$out/tests.json" \
+    "gpu-marked:$junit:strict" "triton file:$out/tests_triton.xml:lenient"
+  local rc3=$?
+  [ "$rc" = 0 ] && [ "$rc2" = 0 ] && [ "$rc3" = 0 ] || status=1
+}
+
+run_sanitize() {
+  local cs
+  cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  # Every tensor its own cudaMalloc, so that memcheck sees the true bounds of each buffer.
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  local sel='test_cuda_matches_reference and (float16 or float32) or test_cuda_decode_edges or test_cuda_non_contiguous_x or test_coeff_and_bias_grads or test_cuda_strided or test_cuda_padded or test_decode_workspace'
+  : >"$out/summary_sanitize.md"
+  for tool in memcheck racecheck synccheck; do
+    local t0=$SECONDS
+    timeout 170 "$cs" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+      "$py" -m pytest -q -x -p no:cacheprovider tests/ops/test_spectral_linear_cuda.py -k "$sel" \
+      >"$out/sanitize_$tool.log" 2>&1
+    local rc=$?
+    local errors
+    errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$out/sanitize_$tool.log" | tail -1)
+    echo "| $tool | exit $rc | ${errors:-no summary} | $((SECONDS - t0)) s |" | tee -a "$out/summary_sanitize.md"
+    [ "$rc" = 0 ] || status=1
+  done
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+}
+
+run_bench() {
+  timeout 400 "$py" benchmarks/gpu/bench_goals.py --out "$out" 2>&1 | tee "$out/bench_goals.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+}
+
+case "$stage" in
+  tests) run_tests ;;
+  sanitize) run_sanitize ;;
+  bench) run_bench ;;
+  all) run_tests; run_sanitize; run_bench ;;
+esac
+echo "stage '$stage': $([ $status = 0 ] && echo passed || echo FAILED) in $SECONDS s; results in $out"
+exit $status
