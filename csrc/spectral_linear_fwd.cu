@@ -394,6 +394,9 @@ __global__ void __launch_bounds__(kFmaThreads) lowrank_gemm_fma_kernel(const Low
       load_tile<float, float, kBM, kFmaBK, kLdF, true>(As, A, a.s0, a.s1, m0, k0, p.M, K, scale, p.scale_s);
       load_tile<float, float, kFmaBK, kBN, kLdF, false>(Bs, B, b.s0, b.s1, k0, n0, K, p.N, nullptr, 0);
       __syncthreads();
+      // Two-level sum: each kFmaBK-long chain starts from zero and is then added to acc (one
+      // chain over all of K gave 2-3× cuBLAS's float32 error on an H100).
+      float part[4][4] = {};
 #pragma unroll
       for (int kk = 0; kk < kFmaBK; ++kk) {
         float av[4], bv[4];
@@ -404,8 +407,12 @@ __global__ void __launch_bounds__(kFmaThreads) lowrank_gemm_fma_kernel(const Low
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+          for (int j = 0; j < 4; ++j) part[i][j] = fmaf(av[i], bv[j], part[i][j]);
       }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += part[i][j];
       __syncthreads();
     }
   }

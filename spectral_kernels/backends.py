@@ -149,30 +149,45 @@ def _auto_prefers_cuda(device: torch.device, dtype: torch.dtype | None, shape: t
     return prefers_cuda(*shape, dtype if dtype is not None else torch.float32)
 
 
+def _auto_prefers_triton(phase: str, shape: tuple[int, int, int, int] | None) -> bool:
+    """Whether "auto" runs this call of a CUDA tensor on triton rather than torch (cuBLAS)."""
+    from spectral_kernels.ops.plans import prefers_triton
+
+    return prefers_triton(phase, shape)
+
+
+PHASES = ("forward", "backward")
+
+
 def resolve_backend(
     backend: str,
     device: torch.device,
     dtype: torch.dtype | None = None,
     shape: tuple[int, int, int, int] | None = None,
+    phase: str = "forward",
 ) -> str:
     """Turn a request (possibly "auto") into a concrete backend that can run on ``device``.
 
-    ``shape`` = (tokens, in_features, out_features, k) lets "auto" pick per plan: on CUDA, the
-    shapes the compiled backend's plans serve better (``spectral_linear_cuda.prefers_cuda``: the
-    decode plan, T <= 16) go to "cuda" when ``spectral_kernels._C`` is built for this device, the
-    rest to "triton".
+    ``shape`` = (tokens, in_features, out_features, k) and ``phase`` ("forward" or "backward")
+    let "auto" pick per plan from measured data: on CUDA, the forward of the shapes the compiled
+    decode plan serves better (``spectral_linear_cuda.prefers_cuda``) goes to "cuda" when
+    ``spectral_kernels._C`` is built for this device; the calls where the Triton plans measured
+    faster (``spectral_linear_triton.prefers_triton``) to "triton"; the rest to "torch", whose
+    products run on cuBLAS.
 
     Raises:
         BackendUnavailableError: an explicitly requested backend cannot run here; the message
             says why.
     """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     name = requested_backend(backend)
     if name == "auto":
         kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
         if device.type == "cuda" and kernel_dtype:
-            if shape is not None and _auto_prefers_cuda(device, dtype, shape):
+            if phase == "forward" and shape is not None and _auto_prefers_cuda(device, dtype, shape):
                 return "cuda"
-            if backend_status("triton", device).available:
+            if _auto_prefers_triton(phase, shape) and backend_status("triton", device).available:
                 return "triton"
         return "torch"
     status = backend_status(name, device)

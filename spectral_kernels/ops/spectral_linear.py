@@ -9,8 +9,11 @@ Layers, in reading order:
    ``spectral_linear_cuda.py``;
 2. the custom ops ``spectral_kernels::spectral_linear`` (returns y and z = x·V) and
    ``spectral_kernels::spectral_linear_backward``, each with a fake for torch.compile;
-3. the autograd registration (saves z, not x, when U and V are frozen);
-4. the public function :func:`spectral_linear`, which checks arguments and picks the backend.
+3. the autograd registration (saves z, not x, when U and V are frozen), shared by the custom op
+   and by :class:`_SpectralLinearFunction`, the same op as a plain autograd.Function that eager
+   calls take (the custom-op dispatcher costs tens of µs a call, as much as a whole decode step);
+4. the public function :func:`spectral_linear`, which checks arguments and picks the backend of
+   each direction (``auto`` may run the forward and the backward on different backends).
 """
 from __future__ import annotations
 
@@ -53,6 +56,19 @@ def _flat(t: Tensor) -> Tensor:
 
 
 # --- 2. custom ops ------------------------------------------------------------------------------
+def _forward(x, U, d, V, bias, weight, backend):
+    fwd, _ = _implementations(backend)
+    y, z = fwd(_flat(x), U, d, V, bias, weight)
+    lead = x.shape[:-1]
+    return y.reshape(*lead, U.shape[0]), z.reshape(*lead, V.shape[1])
+
+
+def _backward_dx(dy, z, U, d, V, weight, backend):
+    _, bwd = _implementations(backend)
+    dx, dd, g = bwd(_flat(dy), _flat(z), U, d, V, weight)
+    return dx.reshape(*dy.shape[:-1], V.shape[0]), dd, g
+
+
 @torch.library.custom_op("spectral_kernels::spectral_linear", mutates_args=())
 def _spectral_linear_op(
     x: Tensor,
@@ -62,16 +78,15 @@ def _spectral_linear_op(
     bias: Optional[Tensor],
     weight: Optional[Tensor],
     backend: str,
+    backward_backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (y [..., out], z = x·V [..., k]); z is what the backward saves."""
-    fwd, _ = _implementations(backend)
-    y, z = fwd(_flat(x), U, d, V, bias, weight)
-    lead = x.shape[:-1]
-    return y.reshape(*lead, U.shape[0]), z.reshape(*lead, V.shape[1])
+    """Returns (y [..., out], z = x·V [..., k]); z is what the backward saves. ``backward_backend``
+    runs the backward (autograd reads it from the inputs)."""
+    return _forward(x, U, d, V, bias, weight, backend)
 
 
 @_spectral_linear_op.register_fake
-def _(x, U, d, V, bias, weight, backend):
+def _(x, U, d, V, bias, weight, backend, backward_backend):
     lead = x.shape[:-1]
     return x.new_empty(*lead, U.shape[0]), x.new_empty(*lead, V.shape[1])
 
@@ -87,9 +102,7 @@ def _spectral_linear_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx [..., in], dd [k], g = dy·U [T, k]) with T the flattened leading dims."""
-    _, bwd = _implementations(backend)
-    dx, dd, g = bwd(_flat(dy), _flat(z), U, d, V, weight)
-    return dx.reshape(*dy.shape[:-1], V.shape[0]), dd, g
+    return _backward_dx(dy, z, U, d, V, weight, backend)
 
 
 @_spectral_linear_backward_op.register_fake
@@ -99,34 +112,56 @@ def _(dy, z, U, d, V, weight, backend):
 
 
 # --- 3. autograd ---------------------------------------------------------------------------------
-def _setup_context(ctx, inputs, output):
-    x, U, d, V, bias, weight, backend = inputs
-    _, z = output
+def _save(ctx, x, U, d, V, weight, z, backward_backend, needs_input_grad):
     ctx.mark_non_differentiable(z)
-    needs_x, needs_U, needs_d, needs_V, needs_bias = ctx.needs_input_grad[:5]
-    if ctx.needs_input_grad[5]:
+    if needs_input_grad[5]:
         raise RuntimeError("spectral_linear: weight is frozen; call weight.requires_grad_(False)")
     # x itself is kept only for dV; otherwise z (T×k) is the only activation saved.
-    ctx.save_for_backward(x if needs_V else None, z, U, d, V, weight)
-    ctx.backend = backend
+    ctx.save_for_backward(x if needs_input_grad[3] else None, z, U, d, V, weight)
+    ctx.backend = backward_backend
 
 
-def _backward(ctx, dy, _dz):
+def _setup_context(ctx, inputs, output):
+    x, U, d, V, bias, weight, backend, backward_backend = inputs
+    _save(ctx, x, U, d, V, weight, output[1], backward_backend, ctx.needs_input_grad)
+
+
+def _gradients(ctx, dy, backward_op):
+    """(dx, dU, dd, dV, dbias) from the saved tensors; backward_op computes (dx, dd, g)."""
     x, z, U, d, V, weight = ctx.saved_tensors
     needs_x, needs_U, needs_d, needs_V, needs_bias = ctx.needs_input_grad[:5]
     dx = dd = g = None
     if needs_x:
-        dx, dd, g = _spectral_linear_backward_op(dy, z, U, d, V, weight, ctx.backend)
+        dx, dd, g = backward_op(dy, z, U, d, V, weight, ctx.backend)
     elif needs_d or needs_V:
         g = _flat(dy) @ U
         dd = lowrank_coeff_grad_ref(_flat(z), g).to(d.dtype) if needs_d else None
     db = _flat(dy).sum(0) if needs_bias else None
     dU = _flat(dy).t() @ (_flat(z) * d) if needs_U else None
     dV = _flat(x).t() @ (g * d) if needs_V else None
-    return dx, dU, dd if needs_d else None, dV, db, None, None
+    return dx, dU, dd if needs_d else None, dV, db
+
+
+def _backward(ctx, dy, _dz):
+    return (*_gradients(ctx, dy, _spectral_linear_backward_op), None, None, None)
 
 
 _spectral_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SpectralLinearFunction(torch.autograd.Function):
+    """The custom op's forward and autograd without the dispatcher, for eager calls. Same
+    implementations, same saved tensors, same gradients (tests compare both paths)."""
+
+    @staticmethod
+    def forward(ctx, x, U, d, V, bias, weight, backend, backward_backend):
+        y, z = _forward(x, U, d, V, bias, weight, backend)
+        _save(ctx, x, U, d, V, weight, z, backward_backend, ctx.needs_input_grad)
+        return y, z
+
+    @staticmethod
+    def backward(ctx, dy, _dz):
+        return (*_gradients(ctx, dy, _backward_dx), None, None, None)
 
 
 # --- 4. public function ---------------------------------------------------------------------------
@@ -179,8 +214,13 @@ def spectral_linear(
             return spectral_linear(x, U, d, V, bias, weight, backend=backend)
     in_features, out_features, k = check_spectral_linear_args(x, U, d, V, bias, weight)
     tokens = x.numel() // in_features if in_features else 0
-    concrete = resolve_backend(backend, x.device, x.dtype, (tokens, in_features, out_features, k))
-    y, _ = _spectral_linear_op(x, U, d, V, bias, weight, concrete)
+    shape = (tokens, in_features, out_features, k)
+    forward_backend = resolve_backend(backend, x.device, x.dtype, shape, "forward")
+    backward_backend = resolve_backend(backend, x.device, x.dtype, shape, "backward")
+    if torch.compiler.is_compiling():
+        y, _ = _spectral_linear_op(x, U, d, V, bias, weight, forward_backend, backward_backend)
+    else:
+        y, _ = _SpectralLinearFunction.apply(x, U, d, V, bias, weight, forward_backend, backward_backend)
     return y
 
 

@@ -224,19 +224,13 @@ def _(z, g, dy):
 
 # --- 3. backend functions ----------------------------------------------------------------------------
 def prefers_cuda(tokens: int, in_features: int, out_features: int, k: int, dtype: torch.dtype) -> bool:
-    """Whether "auto" should run this shape on the cuda backend rather than triton.
+    """Whether "auto" should run this forward on the cuda backend: a kernel dtype and a shape whose
+    decode plan measured faster than the torch chain (``ops/plans.py``). The mma plan (WMMA,
+    single-buffered 64×64 tiles) measured 30-40× slower than cuBLAS at T = 8192 on an H100 and is
+    never chosen by "auto"."""
+    from spectral_kernels.ops.plans import prefers_cuda as decode_wins
 
-    Decode plan (1 <= tokens <= 16): yes. One launch streams each weight byte once, where the
-    Triton plan launches two GEMM kernels whose 128-row tiles are mostly padding at such T. Its
-    goal (>= 80% of the device's measured copy bandwidth) has not been measured yet: revisit with
-    the benchmark on a GPU.
-
-    mma plan (more tokens): no. The WMMA kernel is single-buffered with 64×64 tiles; it is kept as
-    a correct tensor-core path, but it has not been measured against the autotuned, pipelined
-    Triton kernel and is not expected to beat it until it is.
-    """
-    del in_features, out_features, k  # the choice depends on T alone until measured otherwise
-    return dtype in DTYPE_CODES and 1 <= tokens <= DECODE_MAX_TOKENS
+    return dtype in DTYPE_CODES and decode_wins(tokens, in_features, out_features, k)
 
 
 def spectral_linear_fwd_cuda(

@@ -51,7 +51,12 @@ def _accumulate_product(
     stride_am, stride_ak, stride_bk, stride_bn,
     INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc += a[offs_m, :K]·b[:K, offs_n], walking K in BLOCK_K steps with masked edges."""
+    """acc += a[offs_m, :K]·b[:K, offs_n], walking K in BLOCK_K steps with masked edges.
+
+    IEEE fp32 products are summed in two levels, each BLOCK_K-long dot into a fresh accumulator
+    that is then added to acc: one long FMA chain per output gave 2-3× cuBLAS's float32 error at
+    K ≈ 250..4096 on an H100 (whose SGEMM splits the reduction), this stays within it.
+    """
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
@@ -60,7 +65,10 @@ def _accumulate_product(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if INPUT_PRECISION == "ieee":
+            acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
 
 
@@ -158,12 +166,54 @@ def _dense_lowrank_kernel(
             z = (z.to(tl.float32) * d[None, :]).to(z_ptr.dtype.element_ty)
         u = tl.load(u_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(z, u, acc, input_precision=INPUT_PRECISION)
+        if INPUT_PRECISION == "ieee":
+            acc += tl.dot(z, u, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(z, u, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _fold_kernel(
+    # pointers
+    w_ptr, u_ptr, d_ptr, v_ptr, out_ptr,
+    # sizes
+    N, K, R,
+    # strides
+    stride_wn, stride_wk, stride_un, stride_ur, stride_vk, stride_vr, stride_on, stride_ok,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[N, K] = w[N, K] + (u[N, R] ⊙ d[R])·v[K, R]ᵀ, one fp32 accumulator per tile, rounded once
+    (as torch.addmm(w, u * d, vᵀ)); grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)). Memory-bound: w is
+    read once and out written once; the rank-R product is a few tl.dot per tile."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    mask = mask_n[:, None] & mask_k[None, :]
+    acc = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=mask,
+                  other=0.0).to(tl.float32)
+    offs_rb = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + offs_rb
+        mask_r = rr < R
+        u = tl.load(u_ptr + offs_n[:, None] * stride_un + rr[None, :] * stride_ur,
+                    mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        d = tl.load(d_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)
+        # u ⊙ d rounded to the operand dtype first, as the eager chain's U * d is
+        ud = (u.to(tl.float32) * d[None, :]).to(u_ptr.dtype.element_ty)
+        vt = tl.load(v_ptr + rr[:, None] * stride_vr + offs_k[None, :] * stride_vk,
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.dot(ud, vt, input_precision="ieee" if u_ptr.dtype.element_ty == tl.float32 else "tf32")
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -262,14 +312,17 @@ def dense_plus_lowrank(
     bias: Tensor | None,
     *,
     w_transposed: bool = False,
+    blocks: _Blocks | None = None,
+    group_m: int = 8,
 ) -> Tensor:
     """out = a·wᵀ + (z ⊙ d)·uᵀ + bias for a [M, K], w [N, K] (or [K, N] when ``w_transposed``),
-    z [M, R], d [R] (None: z is already scaled), u [N, R], bias [N]; returns out [M, N]."""
+    z [M, R], d [R] (None: z is already scaled), u [N, R], bias [N]; returns out [M, N].
+    ``blocks`` overrides the tile configuration (tuning and tests)."""
     M = a.shape[0]
     N, R = u.shape
     K = a.shape[1]
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    blocks = _dense_blocks(a.dtype)
+    blocks = blocks or _dense_blocks(a.dtype)
     # Fused plan: z is scaled by d in registers; two-GEMM plan: z arrives already scaled.
     # Both walk k in chunks of at most 64 so the low-rank tiles never outgrow the dense ones.
     block_r = min(max(triton.next_power_of_2(R), 16), 64)
@@ -289,7 +342,26 @@ def dense_plus_lowrank(
         HAS_DENSE=w is not None, APPLY_D=d is not None, HAS_BIAS=bias is not None,
         INPUT_PRECISION=_input_precision(a.dtype),
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, BLOCK_R=block_r,
-        GROUP_M=8, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        GROUP_M=group_m, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return out
+
+
+def fold_weight(w: Tensor, u: Tensor, d: Tensor, v: Tensor) -> Tensor:
+    """w + (u ⊙ d)·vᵀ for w [N, K], u [N, R], d [R], v [K, R]; a new [N, K] tensor in w's dtype."""
+    N, K = w.shape
+    R = u.shape[1]
+    out = torch.empty((N, K), device=w.device, dtype=w.dtype)
+    if triton_interpret_enabled():
+        block_n, block_k, warps = 16, 32, 1
+    else:
+        block_n, block_k, warps = 64, 128, 4
+    block_r = min(max(triton.next_power_of_2(R), 16), 64)
+    _fold_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+        w, u, d, v, out, N, K, R,
+        w.stride(0), w.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
     )
     return out
 

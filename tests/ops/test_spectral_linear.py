@@ -90,7 +90,7 @@ def test_trainable_V_saves_x():
 
 def test_opcheck_forward_and_backward_ops():
     ops = make_operands((2, 5), 9, 7, 3).cast(torch.float64, ("x", "d", "bias"))
-    torch.library.opcheck(_spectral_linear_op, (*ops.as_tuple(), "torch"))
+    torch.library.opcheck(_spectral_linear_op, (*ops.as_tuple(), "torch", "torch"))
     dy = torch.randn(2, 5, 7, dtype=torch.float64)
     z = torch.randn(2, 5, 3, dtype=torch.float64)
     torch.library.opcheck(_spectral_linear_backward_op, (dy, z, ops.U, ops.d.detach(), ops.V, ops.weight, "torch"))
@@ -171,8 +171,9 @@ def _calls_backend(monkeypatch):
     seen = []
     real = mod.resolve_backend
 
-    def spy(backend, device, dtype=None, shape=None):
-        seen.append(real(backend, device, dtype, shape))
+    def spy(backend, device, dtype=None, shape=None, phase="forward"):
+        if phase == "forward":
+            seen.append(real(backend, device, dtype, shape, phase))
         return "torch"  # run on torch whatever was chosen, so the test runs anywhere
 
     monkeypatch.setattr(mod, "resolve_backend", spy)
@@ -215,24 +216,53 @@ def test_explicit_unavailable_backend_says_why(monkeypatch):
 
 def test_auto_sends_float64_to_torch_even_on_cuda(monkeypatch):
     from spectral_kernels import backends
+    from spectral_kernels.ops import plans
 
     monkeypatch.setattr(backends, "backend_status", lambda name, device=None: backends.BackendStatus(name, True, "test"))
+    monkeypatch.setattr(plans, "prefers_triton", lambda phase, shape: True)
     cuda = torch.device("cuda")
     assert backends.resolve_backend("auto", cuda, torch.float64) == "torch"
     assert backends.resolve_backend("auto", cuda, torch.bfloat16) == "triton"
     assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
 
 
-def test_auto_sends_decode_shapes_to_cuda_when_built(monkeypatch):
-    """"auto" on CUDA: the cuda backend for the decode plan (T <= 16) when _C is available, triton
-    for the rest; checked without a GPU by faking both backends' availability."""
+def test_auto_follows_the_measured_plans(monkeypatch):
+    """"auto" on CUDA: the decode plan's forward to cuda where ops/plans.py says it measured
+    faster, triton where a Triton plan did, torch (cuBLAS) otherwise; each direction on its own.
+    Checked without a GPU by faking both backends' availability and the plan rules."""
     from spectral_kernels import backends
+    from spectral_kernels.ops import plans
 
     real_status = backends.backend_status
     monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (
         backends.BackendStatus(name, True, "faked") if name in ("cuda", "triton") else real_status(name, device)))
+    monkeypatch.setattr(plans, "DECODE_AUTO_MAX_TOKENS", 4)
+    monkeypatch.setattr(plans, "prefers_triton", lambda phase, shape: phase == "backward" and shape[0] >= 1024)
     cuda = torch.device("cuda")
-    assert backends.resolve_backend("auto", cuda, torch.float16, (16, 4096, 4096, 16)) == "cuda"
-    assert backends.resolve_backend("auto", cuda, torch.float16, (17, 4096, 4096, 16)) == "triton"
-    assert backends.resolve_backend("auto", cuda, torch.float16) == "triton"
-    assert backends.resolve_backend("auto", cuda, torch.float64, (1, 64, 64, 4)) == "torch"
+    resolve = backends.resolve_backend
+    assert resolve("auto", cuda, torch.float16, (4, 4096, 4096, 16), "forward") == "cuda"
+    assert resolve("auto", cuda, torch.float16, (4, 4096, 4096, 16), "backward") == "torch"
+    assert resolve("auto", cuda, torch.float16, (5, 4096, 4096, 16), "forward") == "torch"
+    assert resolve("auto", cuda, torch.float16, (1024, 4096, 4096, 16), "forward") == "torch"
+    assert resolve("auto", cuda, torch.float16, (1024, 4096, 4096, 16), "backward") == "triton"
+    assert resolve("auto", cuda, torch.float64, (1, 64, 64, 4)) == "torch"
+    with pytest.raises(ValueError, match="phase must be one of"):
+        resolve("auto", cuda, torch.float16, (1, 64, 64, 4), "both")
+
+
+def test_eager_function_and_custom_op_agree():
+    """Eager calls take the autograd.Function, compiled graphs the custom op: same outputs and
+    gradients, bit for bit, for every operand that can require grad."""
+    from spectral_kernels.ops.spectral_linear import _SpectralLinearFunction, _spectral_linear_op
+
+    base = make_operands((2, 5), 9, 7, 3)
+    grads = ("x", "U", "d", "V", "bias")
+    results = []
+    for fn in (_SpectralLinearFunction.apply, _spectral_linear_op):
+        ops = base.cast(torch.float32, grads)
+        y, z = fn(*ops.as_tuple(), "torch", "torch")
+        assert not z.requires_grad
+        (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        results.append([y.detach(), z] + [getattr(ops, g).grad for g in grads])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
