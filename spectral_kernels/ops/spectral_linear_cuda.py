@@ -113,14 +113,14 @@ def _cuda_decode_forward(
     C = _ext.extension()
     y = x.new_empty(tokens, n_out)
     z = x.new_empty(tokens, k)
-    n_float, n_int = C.decode_workspace_sizes(tokens, n_in, k)
+    n_float, n_int = C.decode_workspace_sizes(tokens, n_in, k, x.device.index)
     workspace = torch.empty(n_float, dtype=torch.float32, device=x.device)
     counters = torch.zeros(n_int, dtype=torch.int32, device=x.device)  # must be zero at launch
     with torch.cuda.device(x.device):
         C.spectral_linear_decode_fwd(
             _mat(x), _mat(U), _vec(d), _mat(V), _vec(bias), _mat(weight), _mat(y), _mat(z),
-            workspace.data_ptr(), counters.data_ptr(), tokens, n_in, n_out, k,
-            DTYPE_CODES[x.dtype], _stream(x.device),
+            workspace.data_ptr(), counters.data_ptr(), workspace.numel(), counters.numel(),
+            tokens, n_in, n_out, k, DTYPE_CODES[x.dtype], _stream(x.device),
         )
     return y, z
 
