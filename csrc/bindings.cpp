@@ -53,8 +53,9 @@ void* stream_ptr(uint64_t stream) { return reinterpret_cast<void*>(stream); }
 
 void decode_fwd(const Matrix& x, const Matrix& U, const Vector& d, const Matrix& V,
                 const std::optional<Vector>& bias, const std::optional<Matrix>& weight, const Matrix& y,
-                const Matrix& z, uint64_t workspace, uint64_t counters, int64_t tokens,
-                int64_t in_features, int64_t out_features, int64_t rank, int dtype, uint64_t stream) {
+                const Matrix& z, uint64_t workspace, uint64_t counters, int64_t workspace_floats,
+                int64_t counter_ints, int64_t tokens, int64_t in_features, int64_t out_features,
+                int64_t rank, int dtype, uint64_t stream) {
   sk::DecodeFwdParams p;
   p.x = matrix(x, "x", true);
   p.U = matrix(U, "U", true);
@@ -73,6 +74,8 @@ void decode_fwd(const Matrix& x, const Matrix& U, const Vector& d, const Matrix&
   CHECK_PTR(counters);
   p.workspace = reinterpret_cast<float*>(workspace);
   p.counters = reinterpret_cast<int*>(counters);
+  p.workspace_floats = workspace_floats;
+  p.counter_ints = counter_ints;
   p.T = tokens;
   p.in = in_features;
   p.out = out_features;
@@ -125,14 +128,41 @@ void coeff_and_bias_grads(const Matrix& z, const Matrix& g, const std::optional<
   sk::launch_coeff_and_bias_grads(p, stream_ptr(stream));
 }
 
-py::tuple decode_workspace_sizes(int64_t tokens, int64_t in_features, int64_t rank) {
+void check_decode_shape(int64_t tokens, int64_t in_features, int64_t rank) {
   CHECK_POSITIVE(tokens);
   CHECK_LE(tokens, sk::kDecodeMaxTokens);
   CHECK_POSITIVE(in_features);
   CHECK_POSITIVE(rank);
+}
+
+py::tuple decode_workspace_sizes(int64_t tokens, int64_t in_features, int64_t rank, int device) {
+  check_decode_shape(tokens, in_features, rank);
+  SK_CHECK_ARG(device >= 0, "device", "must be a CUDA device index, got " + std::to_string(device));
   int64_t n_float = 0, n_int = 0;
-  sk::decode_workspace_sizes(tokens, in_features, rank, &n_float, &n_int);
+  {
+    py::gil_scoped_release release;  // the first call per device asks the driver
+    sk::decode_workspace_sizes(tokens, in_features, rank, device, &n_float, &n_int);
+  }
   return py::make_tuple(n_float, n_int);
+}
+
+py::dict decode_plan(int64_t tokens, int64_t in_features, int64_t out_features, int64_t rank,
+                     int sm_count) {
+  check_decode_shape(tokens, in_features, rank);
+  CHECK_POSITIVE(out_features);
+  CHECK_POSITIVE(sm_count);
+  const sk::DecodePlan g = sk::decode_plan(tokens, in_features, out_features, rank, sm_count);
+  py::dict out;
+  out["split_rows"] = g.split_rows;
+  out["splits"] = g.splits;
+  out["col_tiles"] = g.col_tiles;
+  out["z_blocks"] = g.z_blocks;
+  out["rows_per_block"] = g.rows_per_block;
+  out["y_blocks"] = g.y_blocks;
+  out["blocks"] = g.blocks;
+  out["n_float"] = g.n_float;
+  out["n_int"] = g.n_int;
+  return out;
 }
 
 py::tuple device_count() {
@@ -154,13 +184,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_count", &device_count,
         "(number of visible CUDA devices, '' or the CUDA error when there are none); never raises");
   m.def("decode_workspace_sizes", &decode_workspace_sizes, py::arg("tokens"), py::arg("in_features"),
-        py::arg("rank"),
-        "(fp32 elements, int32 counters) of the decode plan's workspace; the counters must be zero");
+        py::arg("rank"), py::arg("device"),
+        "(fp32 elements, int32 counters) of the decode plan's workspace for a launch on CUDA device "
+        "`device` (the split depends on its multiprocessor count); the counters must be zero at "
+        "launch and the kernel leaves them zero");
+  m.def("decode_plan", &decode_plan, py::arg("tokens"), py::arg("in_features"), py::arg("out_features"),
+        py::arg("rank"), py::arg("sm_count"),
+        "The decode plan's layout for a device of sm_count multiprocessors (no device needed): "
+        "split_rows, splits, col_tiles, z_blocks, rows_per_block, y_blocks, blocks, n_float, n_int");
   m.def("spectral_linear_decode_fwd", &decode_fwd, py::arg("x"), py::arg("U"), py::arg("d"), py::arg("V"),
         py::arg("bias"), py::arg("weight"), py::arg("y"), py::arg("z"), py::arg("workspace"),
-        py::arg("counters"), py::arg("tokens"), py::arg("in_features"), py::arg("out_features"),
-        py::arg("rank"), py::arg("dtype"), py::arg("stream"),
-        "Decode plan, tokens <= DECODE_MAX_TOKENS: y = x·weightᵀ + ((x·V) ⊙ d)·Uᵀ + bias and z = x·V");
+        py::arg("counters"), py::arg("workspace_floats"), py::arg("counter_ints"), py::arg("tokens"),
+        py::arg("in_features"), py::arg("out_features"), py::arg("rank"), py::arg("dtype"),
+        py::arg("stream"),
+        "Decode plan, tokens <= DECODE_MAX_TOKENS: y = x·weightᵀ + ((x·V) ⊙ d)·Uᵀ + bias and z = x·V. "
+        "workspace (workspace_floats fp32) and counters (counter_ints int32, zero at launch, left "
+        "zero) must hold at least decode_workspace_sizes() for the current device");
   m.def("lowrank_gemm", &lowrank_gemm, py::arg("a1"), py::arg("b1"), py::arg("a2"), py::arg("b2"),
         py::arg("scale"), py::arg("bias"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K1"),
         py::arg("K2"), py::arg("dtype"), py::arg("stream"),

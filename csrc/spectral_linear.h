@@ -35,16 +35,40 @@ struct DecodeFwdParams {
   void* y = nullptr;  // [T, out], strides y_s0, y_s1
   void* z = nullptr;  // [T, k],   strides z_s0, z_s1
   int64_t y_s0 = 0, y_s1 = 0, z_s0 = 0, z_s1 = 0;
-  // Workspace, see decode_workspace_sizes(): fp32 partial sums of z and the finished z ⊙ d, and
-  // int32 counters that must be zero at launch.
+  // Workspace, see decode_workspace_sizes(): workspace_floats fp32 values (partial sums of z and the
+  // finished z ⊙ d) and counter_ints int32 counters. The counters must be zero at launch, and the
+  // kernel leaves them zero when it ends (its last block resets them), so a workspace can serve
+  // launch after launch on one stream without being cleared. The launcher refuses a workspace
+  // smaller than the launch needs.
   float* workspace = nullptr;
   int* counters = nullptr;
+  int64_t workspace_floats = 0, counter_ints = 0;
   int64_t T = 0, in = 0, out = 0, k = 0;
   DType dtype = DType::kFloat32;
 };
 
-// Sizes (in elements) of the fp32 workspace and of the int32 counters that must be zeroed.
-void decode_workspace_sizes(int64_t T, int64_t in, int64_t k, int64_t* n_float, int64_t* n_int);
+// How a decode launch is laid out; a function of the shape and of the device's multiprocessor
+// count alone, so that the workspace sizes and the launch agree (decode_plan() computes both).
+struct DecodePlan {
+  int64_t split_rows = 0;      // rows of V (columns of x) per z block, a multiple of 32
+  int64_t splits = 0;          // z blocks per 32-column tile of z: ceil(in / split_rows)
+  int64_t col_tiles = 0;       // 32-column tiles of z: ceil(k / 32)
+  int64_t z_blocks = 0;        // splits · col_tiles
+  int64_t rows_per_block = 0;  // output rows per y block
+  int64_t y_blocks = 0;        // ceil(out / rows_per_block)
+  int64_t blocks = 0;          // z_blocks + y_blocks
+  int64_t n_float = 0;         // fp32 workspace: (splits + 1) · T · k
+  int64_t n_int = 0;           // int32 counters: 3 + col_tiles
+};
+
+DecodePlan decode_plan(int64_t T, int64_t in, int64_t out, int64_t k, int sm_count);
+// Multiprocessor count of a device, read once per device and cached. Throws std::runtime_error
+// naming `what` and the CUDA error when it cannot be read (no device, no driver).
+int decode_sm_count(int device, const char* what);
+// Sizes (in elements) of the fp32 workspace and of the int32 counters (zero at launch) of a decode
+// launch on `device`.
+void decode_workspace_sizes(int64_t T, int64_t in, int64_t k, int device, int64_t* n_float,
+                            int64_t* n_int);
 void launch_spectral_linear_decode_fwd(const DecodeFwdParams& p, void* stream);
 
 // --- fused low-rank GEMM (mma plan; both directions) -----------------------------------------------

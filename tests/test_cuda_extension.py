@@ -123,12 +123,12 @@ def test_bindings_name_the_bad_argument():
     C = _ext._C
     with pytest.raises(ValueError, match="^x: null device pointer"):
         C.spectral_linear_decode_fwd((0, 8, 1), (16, 2, 1), (16, 1), (16, 2, 1), None, None, (16, 5, 1),
-                                     (16, 2, 1), 16, 16, 3, 8, 5, 2, 0, 0)
+                                     (16, 2, 1), 16, 16, 64, 8, 3, 8, 5, 2, 0, 0)
     with pytest.raises(ValueError, match="^dtype: unknown dtype code 7"):
         C.lowrank_gemm((16, 4, 1), (16, 4, 1), None, None, None, None, (16, 4, 1), 4, 4, 4, 0, 7, 0)
     with pytest.raises(ValueError, match="^p.T: must be at most 16"):
         C.spectral_linear_decode_fwd((16, 8, 1), (16, 2, 1), (16, 1), (16, 2, 1), None, None, (16, 5, 1),
-                                     (16, 2, 1), 16, 16, 17, 8, 5, 2, 0, 0)
+                                     (16, 2, 1), 16, 16, 64, 8, 17, 8, 5, 2, 0, 0)
     with pytest.raises(ValueError, match="^b1: required"):
         C.lowrank_gemm((16, 4, 1), None, None, None, None, None, (16, 4, 1), 4, 4, 4, 0, 0, 0)
 
@@ -142,9 +142,54 @@ def test_launch_without_a_device_raises_naming_the_kernel():
     with pytest.raises(RuntimeError, match=r"^lowrank_gemm_fma: CUDA error cuda\w+"):
         C.lowrank_gemm(mat, mat, None, None, None, None, mat, 4, 4, 4, 0, 0, 0)
     with pytest.raises(RuntimeError, match=r"^spectral_linear_decode_fwd\[?.*CUDA error"):
-        C.spectral_linear_decode_fwd(mat, mat, (16, 1), mat, None, None, mat, mat, 16, 16, 3, 4, 4, 4, 1, 0)
+        C.spectral_linear_decode_fwd(mat, mat, (16, 1), mat, None, None, mat, mat, 16, 16, 64, 8, 3, 4, 4, 4,
+                                     1, 0)
+    with pytest.raises(RuntimeError, match=r"^decode_workspace_sizes: CUDA error cuda\w+"):
+        C.decode_workspace_sizes(3, 4, 4, 0)
     with pytest.raises(RuntimeError, match=r"^coeff_and_bias_grads: CUDA error"):
         C.coeff_and_bias_grads(mat, mat, None, 16, 0, 3, 4, 0, 2, 0)
+
+
+@needs_ext
+def test_decode_workspace_sizes_checks_its_arguments():
+    C = _ext._C
+    with pytest.raises(ValueError, match="^tokens: must be at most 16"):
+        C.decode_workspace_sizes(17, 8, 2, 0)
+    with pytest.raises(ValueError, match="^rank: must be positive"):
+        C.decode_workspace_sizes(3, 8, 0, 0)
+    with pytest.raises(ValueError, match="^device: must be a CUDA device index"):
+        C.decode_workspace_sizes(3, 8, 2, -1)
+
+
+@needs_ext
+@pytest.mark.parametrize("sm_count", [1, 7, 132, 170])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("n_in,k", [(1, 1), (37, 5), (257, 130), (4096, 64), (4096, 16), (14336, 128),
+                                    (65536, 8), (300, 5000)])
+def test_decode_plan_splits_z_over_the_device(sm_count, tokens, n_in, k):
+    """The decode plan's layout (no device needed): z blocks at least as many as multiprocessors
+    where `in` has rows enough, split sizes that the kernel's shared memory and row step hold, and
+    the workspace sizes (decode_workspace_sizes and the launch's check compute them the same way)."""
+    plan = _ext._C.decode_plan(tokens, n_in, 300, k, sm_count)
+    granule, chunk = 32, (512 if tokens > 4 else 2048)
+    rows, splits = plan["split_rows"], plan["splits"]
+    assert rows % granule == 0 and granule <= rows <= chunk
+    assert splits == -(-n_in // rows) and (splits - 1) * rows < n_in
+    assert plan["col_tiles"] == -(-k // 32) and plan["z_blocks"] == splits * plan["col_tiles"]
+    most = -(-n_in // granule) * plan["col_tiles"]  # every split a single granule
+    assert plan["z_blocks"] >= min(sm_count, most)
+    assert plan["rows_per_block"] == (16 if tokens > 4 else 32)
+    assert plan["y_blocks"] == -(-300 // plan["rows_per_block"])
+    assert plan["blocks"] == plan["z_blocks"] + plan["y_blocks"]
+    assert plan["n_float"] == (splits + 1) * tokens * k and plan["n_int"] == 3 + plan["col_tiles"]
+
+
+@needs_ext
+def test_decode_plan_checks_its_arguments():
+    with pytest.raises(ValueError, match="^sm_count: must be positive"):
+        _ext._C.decode_plan(3, 8, 5, 2, 0)
+    with pytest.raises(ValueError, match="^out_features: must be positive"):
+        _ext._C.decode_plan(3, 8, 0, 2, 132)
 
 
 def test_prefers_cuda_only_for_the_decode_plan():

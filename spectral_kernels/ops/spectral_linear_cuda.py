@@ -7,7 +7,9 @@ Layers, in reading order:
    through it:
 
    ``spectral_kernels::cuda_decode_forward``   y = x·weightᵀ + ((x·V) ⊙ d)·Uᵀ + bias and z = x·V in one
-                                               launch, T <= 16 (decode plan, DESIGN.md §3);
+                                               launch, T <= 16 (decode plan, DESIGN.md §3); its
+                                               workspace is cached per (device, stream), see
+                                               "decode workspace" below;
    ``spectral_kernels::cuda_lowrank_gemm``      out = a1·b1 + (a2 ⊙ scale)·b2 + bias, a tile GEMM on
                                                tensor cores (WMMA, fp32 accumulate) for fp16/bf16 and
                                                fp32 FMA for fp32 (the fused low-rank plan);
@@ -25,6 +27,7 @@ after each launch so that faults inside a kernel are reported by the call that c
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -85,6 +88,89 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+# --- decode workspace ----------------------------------------------------------------------------------
+# The decode plan needs an fp32 workspace (the split partial sums of z, splits·T·k values, then
+# z ⊙ d, T·k values) and int32 counters (3 + ceil(k / 32)) that are zero at launch; sizes from
+# _C.decode_workspace_sizes, which depend on the device's multiprocessor count. The kernel's last
+# block zeroes the counters before the kernel ends, hence the invariant:
+#
+#     the counters of a stream's workspace are zero between launches on that stream.
+#
+# Launches on one stream are serialised (stream order), so every call on the same stream can share
+# one workspace; calls on different streams may overlap and get different workspaces.
+# _DECODE_WORKSPACES keeps one per (device index, stream handle): allocated zeroed on the first call
+# on that stream, replaced by a bigger, freshly zeroed one when a call needs more. A replaced buffer
+# is freed on its own stream, where the caching allocator hands it out again only to work ordered
+# after the launches that used it. Each holds splits·T·k + T·k fp32 values and a few int32: a few KiB
+# to a few MiB, one per stream that ran the decode plan.
+#
+# CUDA graphs. A graph keeps the addresses it captured and may be replayed on any stream, also
+# alongside eager calls on the stream it was captured on; a captured call that used that stream's
+# cached workspace would race with them, and replacing the cached buffer would free memory the
+# graph still uses. So a call under capture allocates its own workspace from the graph's private
+# pool (torch.cuda.graph routes allocations there) and its counters' zero fill is captured with it:
+# each replay zeroes them before the kernel, which leaves them zero. The graph owns that memory.
+# Warm-up runs of torch.compile's CUDA graph trees are not captures, but their allocations go to
+# the graph pool too, whose state the trees rewind between recordings: a workspace allocated
+# outside the default pool serves its call and is not cached (_in_default_pool).
+
+
+@dataclass
+class _DecodeWorkspace:
+    """One stream's decode workspace; ``counters`` is all zero between launches (the invariant)."""
+
+    partials: Tensor  # float32: split partial sums [splits][T][k], then z ⊙ d [T][k]
+    counters: Tensor  # int32: tickets, tiles done, blocks done, splits done per z tile
+
+
+#: (device index, stream handle) -> that stream's decode workspace (see above).
+_DECODE_WORKSPACES: dict[tuple[int, int], _DecodeWorkspace] = {}
+
+
+def _in_default_pool(*tensors: Tensor) -> bool:
+    """Whether every tensor lies in the caching allocator's default pool (not a CUDA graph pool).
+
+    False when the allocator cannot tell (another allocator backend, a snapshot format this code
+    does not know): the caller then does not cache, which is always correct.
+    """
+    try:
+        segments = torch.cuda.memory_snapshot()
+
+        def pool_of(t: Tensor):
+            ptr, dev = t.data_ptr(), t.device.index
+            for seg in segments:
+                if seg["device"] == dev and seg["address"] <= ptr < seg["address"] + seg["total_size"]:
+                    return tuple(seg["segment_pool_id"])
+            return None
+
+        return all(pool_of(t) == (0, 0) for t in tensors)
+    except (RuntimeError, KeyError, TypeError, ValueError):
+        return False
+
+
+def _decode_workspace(device: torch.device, n_float: int, n_int: int) -> tuple[Tensor, Tensor]:
+    """(fp32 workspace of at least ``n_float`` values, int32 counters of at least ``n_int``, all
+    zero) for a decode launch on the current stream of ``device``; call under
+    ``torch.cuda.device(device)``."""
+    if torch.cuda.is_current_stream_capturing():  # graph-owned, zeroed at each replay (see above)
+        return (torch.empty(n_float, dtype=torch.float32, device=device),
+                torch.zeros(n_int, dtype=torch.int32, device=device))
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    cached = _DECODE_WORKSPACES.get(key)
+    if cached is not None and cached.partials.numel() >= n_float and cached.counters.numel() >= n_int:
+        return cached.partials, cached.counters
+    partials, counters = (cached.partials, cached.counters) if cached is not None else (None, None)
+    if partials is None or partials.numel() < n_float:
+        size = max(n_float, 2 * partials.numel()) if partials is not None else n_float
+        partials = torch.zeros(size, dtype=torch.float32, device=device)
+    if counters is None or counters.numel() < n_int:
+        size = max(n_int, 2 * counters.numel()) if counters is not None else n_int
+        counters = torch.zeros(size, dtype=torch.int32, device=device)  # zero: the invariant
+    if _in_default_pool(partials, counters):
+        _DECODE_WORKSPACES[key] = _DecodeWorkspace(partials, counters)
+    return partials, counters
+
+
 # --- 2. custom ops -----------------------------------------------------------------------------------
 def _decode_shapes(x, U, d, V, bias, weight, on_device):
     op = "cuda_decode_forward"
@@ -113,14 +199,13 @@ def _cuda_decode_forward(
     C = _ext.extension()
     y = x.new_empty(tokens, n_out)
     z = x.new_empty(tokens, k)
-    n_float, n_int = C.decode_workspace_sizes(tokens, n_in, k)
-    workspace = torch.empty(n_float, dtype=torch.float32, device=x.device)
-    counters = torch.zeros(n_int, dtype=torch.int32, device=x.device)  # must be zero at launch
     with torch.cuda.device(x.device):
+        n_float, n_int = C.decode_workspace_sizes(tokens, n_in, k, x.device.index)
+        workspace, counters = _decode_workspace(x.device, n_float, n_int)  # cached per stream
         C.spectral_linear_decode_fwd(
             _mat(x), _mat(U), _vec(d), _mat(V), _vec(bias), _mat(weight), _mat(y), _mat(z),
-            workspace.data_ptr(), counters.data_ptr(), tokens, n_in, n_out, k,
-            DTYPE_CODES[x.dtype], _stream(x.device),
+            workspace.data_ptr(), counters.data_ptr(), workspace.numel(), counters.numel(),
+            tokens, n_in, n_out, k, DTYPE_CODES[x.dtype], _stream(x.device),
         )
     return y, z
 

@@ -237,3 +237,104 @@ def test_cuda_decode_stress_is_bitwise_repeatable(tokens):
     ref = spectral_linear_ref(*ops.cast(torch.float64).as_tuple())
     plain = spectral_linear_ref(*ops.as_tuple())
     assert rel_err(y0, ref) <= 2 * rel_err(plain, ref) + torch.finfo(torch.bfloat16).eps / 8
+
+
+# --- the decode plan's workspace: cached per (device, stream), counters left zero by the kernel ----------
+def _cached_workspace(stream):
+    from spectral_kernels.ops import spectral_linear_cuda as cu
+
+    return cu._DECODE_WORKSPACES.get((stream.device.index, stream.cuda_stream))
+
+
+def _workspace_ptrs(stream):
+    ws = _cached_workspace(stream)
+    return None if ws is None else (ws.partials.data_ptr(), ws.counters.data_ptr())
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_cuda_decode_workspace_is_reused_and_left_zero(tokens):
+    """Launch after launch on one stream, then interleaved on two streams: one workspace per stream,
+    allocated once (same data_ptr), its counters zero after every launch (the kernel resets them),
+    and every result bitwise equal to the first call's. A shape needing more workspace replaces it
+    with a bigger, zeroed one, and the first shape still gives its first result."""
+    from spectral_kernels.ops import spectral_linear_cuda as cu
+
+    fwd = cu.spectral_linear_fwd_cuda
+    # k = 70: three z tiles and element loads of U (70 % 8 != 0); in = 1032: many z splits
+    small = make_operands((tokens,), 1032, 300, 70, device="cuda").cast(torch.bfloat16).as_tuple()
+    # k = 64: 16-byte loads of U; more z ⊙ d values and more tiles' counters than `small`
+    big = make_operands((tokens,), 4104, 520, 200, device="cuda").cast(torch.bfloat16).as_tuple()
+    main = torch.cuda.current_stream()
+    cu._DECODE_WORKSPACES.pop((main.device.index, main.cuda_stream), None)
+
+    y0, z0 = fwd(*small)
+    ptrs = _workspace_ptrs(main)
+    assert ptrs is not None, "the decode workspace was not cached"
+    for _ in range(50):
+        y, z = fwd(*small)
+        assert torch.equal(y, y0) and torch.equal(z, z0)
+    assert _workspace_ptrs(main) == ptrs  # nothing allocated per call
+    torch.cuda.synchronize()
+    assert int(_cached_workspace(main).counters.count_nonzero()) == 0
+
+    yb0, zb0 = fwd(*big)
+    C = _ext.extension()
+    n_float, n_int = C.decode_workspace_sizes(tokens, 4104, 200, main.device.index)
+    grown = _cached_workspace(main)
+    assert grown.partials.numel() >= n_float and grown.counters.numel() >= n_int
+    for _ in range(10):
+        for args, (ye, ze) in ((small, (y0, z0)), (big, (yb0, zb0))):
+            y, z = fwd(*args)
+            assert torch.equal(y, ye) and torch.equal(z, ze)
+    torch.cuda.synchronize()
+    assert int(_cached_workspace(main).counters.count_nonzero()) == 0
+
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(main)
+    outs = {0: [], 1: []}
+    for _ in range(20):
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                outs[i].append(fwd(*small))
+    for s in streams:
+        main.wait_stream(s)
+    torch.cuda.synchronize()
+    for results in outs.values():
+        for y, z in results:
+            assert torch.equal(y, y0) and torch.equal(z, z0)
+    a, b, m = (_workspace_ptrs(s) for s in (*streams, main))
+    assert a is not None and b is not None
+    assert len({a[0], b[0], m[0]}) == 3 and len({a[1], b[1], m[1]}) == 3  # one workspace per stream
+    for s in streams:
+        assert int(_cached_workspace(s).counters.count_nonzero()) == 0
+
+
+def test_cuda_decode_in_a_cuda_graph():
+    """A captured decode call owns its workspace (from the graph's pool, counters zeroed at each
+    replay): replays, interleaved with eager calls, match the eager result bitwise, and the capture
+    neither uses nor changes the per-stream cache."""
+    from spectral_kernels.ops import spectral_linear_cuda as cu
+
+    args = make_operands((4,), 1032, 300, 64, device="cuda").cast(torch.float16).as_tuple()
+    y0, z0 = cu.spectral_linear_fwd_cuda(*args)
+    main = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):  # warm-up away from the capture, as torch.cuda.graph advises
+        cu.spectral_linear_fwd_cuda(*args)
+    main.wait_stream(side)
+    torch.cuda.synchronize()
+    before = {key: (ws.partials.data_ptr(), ws.counters.data_ptr()) for key, ws in cu._DECODE_WORKSPACES.items()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, z = cu.spectral_linear_fwd_cuda(*args)
+    after = {key: (ws.partials.data_ptr(), ws.counters.data_ptr()) for key, ws in cu._DECODE_WORKSPACES.items()}
+    assert after == before
+    for _ in range(10):
+        graph.replay()
+        ye, ze = cu.spectral_linear_fwd_cuda(*args)
+        torch.cuda.synchronize()
+        assert torch.equal(y, y0) and torch.equal(z, z0)
+        assert torch.equal(ye, y0) and torch.equal(ze, z0)
