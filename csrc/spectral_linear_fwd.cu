@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <climits>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 #include "gemm_tiles.cuh"
@@ -140,14 +141,32 @@ __device__ __forceinline__ void accumulate_rows(float (&acc)[ROWS][MAXT], const 
         }
       }
       const float* xrow = xs + (base - lane * V) + lane;  // swizzled block of this vector
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        // fp32: two-level sums (each vector's V products first, then into acc), which keeps the
+        // float32 error within 2× cuBLAS's; a single chain per lane did not (H100, in = 2056).
+        float part[ROWS][MAXT] = {};
 #pragma unroll
-      for (int q = 0; q < V; ++q)
+        for (int q = 0; q < V; ++q)
 #pragma unroll
-        for (int t = 0; t < MAXT; ++t) {
-          const float xv = xrow[t * CHUNK + q * 32];
+          for (int t = 0; t < MAXT; ++t) {
+            const float xv = xrow[t * CHUNK + q * 32];
 #pragma unroll
-          for (int r = 0; r < ROWS; ++r) acc[r][t] += w[r][q] * xv;
-        }
+            for (int r = 0; r < ROWS; ++r) part[r][t] += w[r][q] * xv;
+          }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+          for (int t = 0; t < MAXT; ++t) acc[r][t] += part[r][t];
+      } else {
+#pragma unroll
+        for (int q = 0; q < V; ++q)
+#pragma unroll
+          for (int t = 0; t < MAXT; ++t) {
+            const float xv = xrow[t * CHUNK + q * 32];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) acc[r][t] += w[r][q] * xv;
+          }
+      }
     }
   } else {
     for (int c = lane; c < lim; c += 32) {

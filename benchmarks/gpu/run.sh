@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU session: build spectral_kernels._C in place for this device, then run a stage.
 #
-#   bash benchmarks/gpu/run.sh STAGE OUTDIR        STAGE: tests | sanitize | bench | all
+#   bash benchmarks/gpu/run.sh STAGE OUTDIR        STAGE: tests | sanitize | bench | tune | all
 #
 #   tests     every test marked gpu (-rs, SPECTRAL_KERNELS_CUDA_SYNC=1; a skipped GPU test is a
 #             failure here), then the Triton test file on CUDA
@@ -9,6 +9,7 @@
 #             cuda-backend tests
 #   bench     the goal benchmarks (benchmarks/gpu/bench_goals.py) and the truncated SVD on a
 #             7B-class model (benchmarks/bench_truncated_svd.py --model-7b)
+#   tune      the plan and tile measurements behind ops/plans.py (benchmarks/gpu/tune_plans.py)
 #
 # Made for a fresh GPU machine with python3, torch, triton, nvcc, cmake, ninja, pybind11, peft,
 # transformers, pytest-benchmark and pytest-timeout installed, and no network: nothing is installed,
@@ -16,8 +17,8 @@
 # (summary_<stage>.md) into OUTDIR. Without a CUDA device every stage says so and exits 0.
 # SK_COMMIT names the commit in the results where the checkout has no .git.
 set -uo pipefail
-stage=${1:?usage: run.sh tests|sanitize|bench|all OUTDIR}
-out=${2:?usage: run.sh tests|sanitize|bench|all OUTDIR}
+stage=${1:?usage: run.sh tests|sanitize|bench|tune|all OUTDIR}
+out=${2:?usage: run.sh tests|sanitize|bench|tune|all OUTDIR}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 mkdir -p "$out"
@@ -26,7 +27,7 @@ py=${PYTHON:-python3}
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
-case "$stage" in tests|sanitize|bench|all) ;; *) echo "unknown stage '$stage' (tests, sanitize, bench, all)" >&2; exit 2 ;; esac
+case "$stage" in tests|sanitize|bench|tune|all) ;; *) echo "unknown stage '$stage' (tests, sanitize, bench, tune, all)" >&2; exit 2 ;; esac
 
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "stage '$stage' skipped: no CUDA device is visible to torch on this machine" | tee "$out/summary_$stage.md"
@@ -54,7 +55,7 @@ run_tests() {
   local rc=${PIPESTATUS[0]}
   # Triton tests that are not marked gpu run on CUDA here too (the interpreter is off).
   SPECTRAL_KERNELS_CUDA_SYNC=1 timeout 240 "$py" -m pytest -q -rs -p no:cacheprovider --timeout 200 \
-    --junitxml "$out/tests_triton.xml" tests/ops/test_spectral_linear_triton.py 2>&1 | tee "$out/tests_triton.log"
+    -m "not gpu" --junitxml "$out/tests_triton.xml" tests/ops/test_spectral_linear_triton.py 2>&1 | tee "$out/tests_triton.log"
   local rc2=${PIPESTATUS[0]}
   "$py" benchmarks/gpu/summarize_junit.py "$out/summary_tests.md" "$out/tests.json" \
     "gpu-marked:$junit:strict" "triton file:$out/tests_triton.xml:lenient"
@@ -67,11 +68,11 @@ run_sanitize() {
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   # Every tensor its own cudaMalloc, so that memcheck sees the true bounds of each buffer.
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  local sel='test_cuda_matches_reference and (float16 or float32) or test_cuda_decode_edges or test_cuda_non_contiguous_x or test_coeff_and_bias_grads or test_cuda_strided or test_cuda_padded or test_decode_workspace'
+  local sel='test_cuda_decode_edges or test_cuda_strided or test_cuda_padded or test_cuda_decode_workspace or (test_coeff_and_bias_grads and dtype2) or (test_cuda_matches_reference and dtype1)'
   : >"$out/summary_sanitize.md"
   for tool in memcheck racecheck synccheck; do
     local t0=$SECONDS
-    timeout 170 "$cs" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+    timeout 60 "$cs" --tool "$tool" --kernel-name kns=spectral_kernels --error-exitcode 99 --print-limit 20 \
       "$py" -m pytest -q -x -p no:cacheprovider tests/ops/test_spectral_linear_cuda.py -k "$sel" \
       >"$out/sanitize_$tool.log" 2>&1
     local rc=$?
@@ -88,7 +89,13 @@ run_bench() {
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 }
 
+run_tune() {
+  timeout 400 "$py" benchmarks/gpu/tune_plans.py --out "$out" 2>&1 | tee "$out/tune.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+}
+
 case "$stage" in
+  tune) run_tune ;;
   tests) run_tests ;;
   sanitize) run_sanitize ;;
   bench) run_bench ;;
