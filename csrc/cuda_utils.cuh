@@ -91,7 +91,12 @@ inline bool sync_after_launch() {
 // Throw (RuntimeError in Python) naming the kernel and the CUDA error if the launch failed.
 inline void check_launch(const char* kernel, cudaStream_t stream) {
   cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess && sync_after_launch()) err = cudaStreamSynchronize(stream);
+  if (err == cudaSuccess && sync_after_launch()) {
+    // A stream being captured into a CUDA graph must not be synchronised (the capture would fail).
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    err = cudaStreamIsCapturing(stream, &capture);
+    if (err == cudaSuccess && capture == cudaStreamCaptureStatusNone) err = cudaStreamSynchronize(stream);
+  }
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string(kernel) + ": CUDA error " + cuda_error_text(err));
   }

@@ -499,6 +499,7 @@ __global__ void __launch_bounds__(kFmaThreads) lowrank_gemm_fma_kernel(const Low
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   float acc[4][4] = {};
+  float comp[4][4] = {};  // Kahan compensation of acc
 
   for (int seg = 0; seg < 2; ++seg) {
     const MatrixArg& a = seg == 0 ? p.a1 : p.a2;
@@ -512,8 +513,9 @@ __global__ void __launch_bounds__(kFmaThreads) lowrank_gemm_fma_kernel(const Low
       load_tile<float, float, kBM, kFmaBK, kLdF, true>(As, A, a.s0, a.s1, m0, k0, p.M, K, scale, p.scale_s);
       load_tile<float, float, kFmaBK, kBN, kLdF, false>(Bs, B, b.s0, b.s1, k0, n0, K, p.N, nullptr, 0);
       __syncthreads();
-      // Two-level sum: each kFmaBK-long chain starts from zero and is then added to acc (one
-      // chain over all of K gave 2-3× cuBLAS's float32 error on an H100).
+      // Two-level sum: each kFmaBK-long chain starts from zero and is then added to acc with
+      // compensation (one chain over all of K gave 2-3× cuBLAS's float32 error on an H100, and a
+      // plain two-level sum still 2.4× at K = 300; nvcc does not reassociate without fast-math).
       float part[4][4] = {};
 #pragma unroll
       for (int kk = 0; kk < kFmaBK; ++kk) {
@@ -530,7 +532,12 @@ __global__ void __launch_bounds__(kFmaThreads) lowrank_gemm_fma_kernel(const Low
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += part[i][j];
+        for (int j = 0; j < 4; ++j) {
+          const float y = part[i][j] - comp[i][j];
+          const float t = acc[i][j] + y;
+          comp[i][j] = (t - acc[i][j]) - y;
+          acc[i][j] = t;
+        }
       __syncthreads();
     }
   }

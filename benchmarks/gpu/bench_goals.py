@@ -123,7 +123,7 @@ def section_main(ceil: dict, ranks=(16, 64, 256), T=8192, n=4096) -> list[dict]:
         lora = _peft_lora(linear, k)
         lora_params = [p for p in lora.parameters() if p.requires_grad] if not isinstance(lora, str) else []
         providers = {"linear": (lambda: F.linear(x, W, b), [x])}
-        for name in spectral_backends() + ["auto"]:
+        for name in ["torch"] + spectral_backends() + ["auto"]:
             providers[f"spectral[{name}]"] = (lambda name=name: sk.spectral_linear(x, U, d, V, b, W, backend=name), [x, d])
         providers["eager"] = (eager, [x, d])
         providers["compiled"] = (lambda: compiled(x, d), [x, d])
@@ -161,7 +161,7 @@ def section_pure(ceil: dict, T=8192, n=4096) -> list[dict]:
         "two_gemms": lambda: torch.addmm(b, (x @ V) * d, U.t()),
         "materialise": lambda: F.linear(x, (U * d) @ V.t(), b),
     }
-    for name in spectral_backends():
+    for name in ["torch"] + spectral_backends():
         providers[f"spectral[{name}]"] = lambda name=name: sk.spectral_linear(x, U, d, V, b, None, backend=name)
     rows = []
     for phase in ("forward", "forward+backward"):
@@ -183,7 +183,7 @@ def section_decode(ceil: dict, shapes=((4096, 4096), (11008, 4096)), tokens=(1, 
             for T in tokens:
                 providers = {"linear": lambda o, T=T: F.linear(o[0][:T], o[1], o[2]),
                              "eager": lambda o, T=T: F.linear(o[0][:T], o[1], o[2]) + ((o[0][:T] @ o[4]) * o[5]) @ o[3].t()}
-                for name in spectral_backends() + ["auto"]:
+                for name in ["torch"] + spectral_backends() + ["auto"]:
                     providers[f"spectral[{name}]"] = lambda o, T=T, name=name: sk.spectral_linear(
                         o[0][:T], o[3], o[5], o[4], o[2], o[1], backend=name)
                 moved = 2 * (n_out * n_in + (n_out + n_in) * k + T * (n_in + n_out + k) + n_out + k)

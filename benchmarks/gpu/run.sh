@@ -8,7 +8,7 @@
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over a reduced selection of the
 #             cuda-backend tests
 #   bench     the goal benchmarks (benchmarks/gpu/bench_goals.py) and the truncated SVD on a
-#             7B-class model (benchmarks/bench_truncated_svd.py --model-7b)
+#             7B-class model (benchmarks/gpu/bench_svd_7b.py)
 #   tune      the plan and tile measurements behind ops/plans.py (benchmarks/gpu/tune_plans.py)
 #
 # Made for a fresh GPU machine with python3, torch, triton, nvcc, cmake, ninja, pybind11, peft,
@@ -85,7 +85,9 @@ run_sanitize() {
 }
 
 run_bench() {
-  timeout 400 "$py" benchmarks/gpu/bench_goals.py --out "$out" 2>&1 | tee "$out/bench_goals.log"
+  timeout 300 "$py" benchmarks/gpu/bench_goals.py --out "$out" 2>&1 | tee "$out/bench_goals.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  timeout 240 "$py" benchmarks/gpu/bench_svd_7b.py --out "$out" 2>&1 | tee "$out/bench_svd_7b.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 }
 

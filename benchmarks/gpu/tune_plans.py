@@ -7,8 +7,8 @@
    against cuBLAS x·Wᵀ in the same run; each configuration's result is checked against torch.
 2. ``fold``: W' = W + (U ⊙ d)·Vᵀ by the Triton fold kernel (a few tiles) and by torch.addmm.
 3. ``plans``: forward + backward of whole plans, through the backend functions on flattened
-   tokens: triton (fused), fold (cuBLAS dense over the folded weight, Triton fold), torch
-   (reference: cuBLAS, addmm fold), at k ∈ {16, 64, 256} and T ∈ {512, 2048, 8192}, with frozen
+   tokens: triton:fused (the fused kernel), triton:fold (cuBLAS dense over the weight folded by
+   the Triton kernel), torch (reference: cuBLAS, addmm fold), at k ∈ {16, 64, 256} and T ∈ {512, 2048, 8192}, with frozen
    nn.Linear (x·Wᵀ forward, dy·W backward) as the anchor.
 
 Writes tune.json and summary_tune.md into OUTDIR.
@@ -94,21 +94,14 @@ def tune_fold(n=4096) -> list[dict]:
     return rows
 
 
-def fold_fwd(x2d, U, d, V, bias, weight):
-    z = x2d @ V
-    w = tri.fold_weight(weight, U, d, V)
-    return (torch.addmm(bias, x2d, w.t()) if bias is not None else x2d @ w.t()), z
-
-
-def fold_bwd(dy2d, z, U, d, V, weight):
-    g = dy2d @ U
-    dd = ref.lowrank_coeff_grad_ref(z, g).to(d.dtype)
-    return dy2d @ tri.fold_weight(weight, U, d, V), dd, g
+def _triton(plan):
+    return (lambda *a: tri.spectral_linear_fwd_triton(*a, plan=plan),
+            lambda *a: tri.spectral_linear_bwd_triton(*a, plan=plan))
 
 
 PLANS = {
-    "triton": (tri.spectral_linear_fwd_triton, tri.spectral_linear_bwd_triton),
-    "fold": (fold_fwd, fold_bwd),
+    "triton:fused": _triton("fused"),
+    "triton:fold": _triton("fold"),
     "torch": (ref.spectral_linear_fwd_ref, ref.spectral_linear_bwd_ref),
 }
 

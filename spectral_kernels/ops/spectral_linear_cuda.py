@@ -27,6 +27,8 @@ after each launch so that faults inside a kernel are reported by the call that c
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -133,6 +135,8 @@ def _in_default_pool(*tensors: Tensor) -> bool:
     False when the allocator cannot tell (another allocator backend, a snapshot format this code
     does not know): the caller then does not cache, which is always correct.
     """
+    if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") not in ("", "0"):
+        return True  # every tensor is its own cudaMalloc: there are no pools to tell apart
     try:
         segments = torch.cuda.memory_snapshot()
 

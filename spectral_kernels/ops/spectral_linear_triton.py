@@ -12,7 +12,7 @@ the roles of the operands swapped (strides do the transposing, nothing is copied
     backward: dx = dy·weight + (g ⊙ d)·Vᵀ           (weight read through swapped strides)
 
 Plans (DESIGN.md §3):
-* fused low-rank (k ≤ FUSED_MAX_RANK): after the dense K loop, the z rows of the output tile are
+* fused low-rank (k ≤ plans.FUSED_MAX_RANK): after the dense K loop, the z rows of the output tile are
   loaded (k ≤ 64 in one chunk), scaled by d in registers, and their product with Uᵀ is
   accumulated into the same fp32 accumulator as the dense product: y is written once, never
   re-read, and z ⊙ d never touches memory.
@@ -36,10 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from spectral_kernels.backends import triton_interpret_enabled
-
-#: Largest k for the fused low-rank plan (DESIGN.md §3: "k ≤ ~256"). Past it the planner takes
-#: the two-GEMM plan. The crossover is the design's estimate, not yet measured on a GPU.
-FUSED_MAX_RANK = 256
+from spectral_kernels.ops.plans import triton_plan
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -230,14 +227,16 @@ def _dense_blocks(dtype: torch.dtype) -> _Blocks:
     """Tile sizes for the dense+low-rank kernel.
 
     The interpreter runs every program in Python, so it gets the smallest tiles tl.dot accepts.
-    The GPU tiles are the standard Hopper/Ampere GEMM choice for 16-bit operands (halved K for
-    fp32 to keep the same shared-memory footprint); they are not yet tuned by measurement.
+    16-bit operands: 128×256×64, 8 warps, 3 stages, the fastest of ten configurations measured on
+    an H100 (benchmarks/gpu/tune_plans.py, T = 8192, in = out = 4096, bf16: forward 0.415 ms at
+    k = 16 against 0.490 ms for 128×128×64 and 0.384 ms for cuBLAS's x·Wᵀ alone). fp32 keeps
+    128×128×32 (untuned; its products are IEEE FMA, not tensor cores).
     """
     if triton_interpret_enabled():
         return _Blocks(16, 32, 32, 1, 1)
     if dtype == torch.float32:
         return _Blocks(128, 128, 32, 8, 3)
-    return _Blocks(128, 128, 64, 8, 3)
+    return _Blocks(128, 256, 64, 8, 3)
 
 
 def _project_blocks(rank: int) -> tuple[int, int, int, int]:
@@ -367,31 +366,45 @@ def fold_weight(w: Tensor, u: Tensor, d: Tensor, v: Tensor) -> Tensor:
 
 
 def spectral_linear_fwd_triton(
-    x2d: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None
+    x2d: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None,
+    *, plan: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Forward on flattened tokens x2d [T, in]: (y [T, out], z = x·V [T, k])."""
+    """Forward on flattened tokens x2d [T, in]: (y [T, out], z = x·V [T, k]).
+
+    ``plan`` (default: ``plans.triton_plan`` by shape) is one of
+    "fused" (z, then one kernel for x·Wᵀ + (z ⊙ d)·Uᵀ + bias), "two_gemm" (z ⊙ d from the first
+    kernel's epilogue) or "fold" (W' = W + (U ⊙ d)·Vᵀ by the fold kernel, then one cuBLAS GEMM).
+    """
     _check_triton_operands(x2d, U, d, V, bias, weight)
-    k = V.shape[1]
-    if k <= FUSED_MAX_RANK:
+    plan = plan or triton_plan(x2d.shape[0], V.shape[1], weight is not None)
+    if plan == "fold":
         z, _, _ = lowrank_project(x2d, V)
-        y = dense_plus_lowrank(x2d, weight, z, d, U, bias)
-    else:
-        z, zd, _ = lowrank_project(x2d, V, d=d)
-        y = dense_plus_lowrank(x2d, weight, zd, None, U, bias)
-    return y, z
+        w = fold_weight(weight, U, d, V)
+        return (torch.addmm(bias, x2d, w.t()) if bias is not None else x2d @ w.t()), z
+    if plan == "fused":
+        z, _, _ = lowrank_project(x2d, V)
+        return dense_plus_lowrank(x2d, weight, z, d, U, bias), z
+    z, zd, _ = lowrank_project(x2d, V, d=d)
+    return dense_plus_lowrank(x2d, weight, zd, None, U, bias), z
 
 
 def spectral_linear_bwd_triton(
-    dy2d: Tensor, z: Tensor, U: Tensor, d: Tensor, V: Tensor, weight: Tensor | None
+    dy2d: Tensor, z: Tensor, U: Tensor, d: Tensor, V: Tensor, weight: Tensor | None,
+    *, plan: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward on flattened tokens: (dx [T, in], dd [k], g = dy·U [T, k]).
 
     dd = Σ z ⊙ g is reduced inside the kernel that computes g (no second pass over z and g);
-    dx = dy·weight + (g ⊙ d)·Vᵀ shares one accumulator.
+    dx = dy·weight + (g ⊙ d)·Vᵀ shares one accumulator ("fused", "two_gemm"), or is dy·W' with
+    W' refolded by the fold kernel ("fold": recomputed, not kept from the forward, so no weight-
+    sized tensor lives between the two passes).
     """
     _check_triton_operands(dy2d, z, U, d, V, weight)
-    k = V.shape[1]
-    if k <= FUSED_MAX_RANK:
+    plan = plan or triton_plan(dy2d.shape[0], V.shape[1], weight is not None)
+    if plan == "fold":
+        g, _, dd = lowrank_project(dy2d, U, aux=z)
+        return dy2d @ fold_weight(weight, U, d, V), dd.to(d.dtype), g
+    if plan == "fused":
         g, _, dd = lowrank_project(dy2d, U, aux=z)
         dx = dense_plus_lowrank(dy2d, weight, g, d, V, None, w_transposed=True)
     else:

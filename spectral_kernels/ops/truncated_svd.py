@@ -499,6 +499,24 @@ def _svd_group(X: Tensor, k: int, opts: dict[str, Any], label: str) -> SVDResult
         return SVDResult(U.to(X.device), S.to(X.device), V.to(X.device))
 
 
+def _batch_limit(shape: tuple[int, ...], k: int, device: torch.device) -> int:
+    """How many matrices of ``shape`` one stacked call may take on ``device``: on CUDA, as many as
+    fit half the free memory at a working set of ~4 float64 copies of the smaller Gram side plus
+    the float32 stack (a 7B model's 128 square 4096² matrices at once would need ~40 GB); elsewhere
+    no limit."""
+    if device.type != "cuda":
+        return 1 << 30
+    m, n = shape[-2:]
+    lo = min(m, n)
+    per_matrix = 4 * m * n + 4 * 8 * lo * lo + 8 * 8 * (m + n) * (k + max(16, k // 2))
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(0.5 * free // per_matrix))
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def batched_truncated_svd(
     mats: Mapping[Any, Tensor] | Sequence[Tensor],
     k: int,
@@ -570,17 +588,19 @@ def batched_truncated_svd(
                 bar.update(1)
                 continue
             groups.setdefault((tuple(A.shape), A.dtype, A.device), []).append((key, A, ckey))
-        for (shape, dtype, device), members in groups.items():
-            label = f"{len(members)} matrices of shape {shape}" if len(members) > 1 else f"matrix {members[0][0]!r}"
-            bar.set_postfix_str(f"{len(members)}×{shape}")
-            X = torch.stack([A for _, A, _ in members])
-            U, S, V = _svd_group(X, k, group_opts(), label)
-            for i, (key, _, ckey) in enumerate(members):
-                res = SVDResult(U[i], S[i], V[i])
-                results[key] = res
-                if ckey is not None:
-                    svd_cache.store(cache_dir, ckey, *res)
-            bar.update(len(members))
+        for (shape, dtype, device), group in groups.items():
+            for members in _chunks(group, _batch_limit(shape, k, device)):
+                label = f"{len(members)} matrices of shape {shape}" if len(members) > 1 else f"matrix {members[0][0]!r}"
+                bar.set_postfix_str(f"{len(members)}×{shape}")
+                X = torch.stack([A for _, A, _ in members])
+                U, S, V = _svd_group(X, k, group_opts(), label)
+                for i, (key, _, ckey) in enumerate(members):
+                    res = SVDResult(U[i], S[i], V[i])
+                    results[key] = res
+                    if ckey is not None:
+                        svd_cache.store(cache_dir, ckey, *res)
+                bar.update(len(members))
+                del X, U, S, V
     finally:
         bar.close()
     ordered = [results[key] for key, _ in items]

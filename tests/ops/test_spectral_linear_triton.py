@@ -62,6 +62,33 @@ def test_triton_plans_agree():
     torch.testing.assert_close(zd, z * ops.d)
 
 
+@pytest.mark.parametrize("plan", ["fused", "two_gemm", "fold"])
+def test_triton_every_plan_matches_reference(plan):
+    """Each plan of the triton backend, forced, against the float64 reference (the automatic choice
+    by shape would reach "fold" only at thousands of tokens)."""
+    from spectral_kernels.ops import spectral_linear_triton as tri
+    from tests.helpers import check_backend_direct
+
+    ops = make_operands((9,), 37, 53, 20, device=DEVICE).cast(torch.float32)
+    dy = torch.randn(9, 53, device=DEVICE)
+    check_backend_direct(lambda *a: tri.spectral_linear_fwd_triton(*a, plan=plan),
+                         lambda *a: tri.spectral_linear_bwd_triton(*a, plan=plan), *ops.as_tuple(), dy)
+
+
+def test_fold_weight_matches_addmm():
+    from spectral_kernels.ops import spectral_linear_triton as tri
+
+    for dtype in (torch.float32, torch.float16):
+        W, U = torch.randn(45, 70, device=DEVICE), torch.randn(45, 21, device=DEVICE)
+        d, V = torch.randn(21, device=DEVICE), torch.randn(70, 21, device=DEVICE)
+        W, U, d, V = (t.to(dtype) for t in (W, U, d, V))
+        exact = torch.addmm(W.double(), (U * d).double(), V.double().t())
+        plain = torch.addmm(W.float(), (U * d).float(), V.float().t()).to(dtype)
+        got = tri.fold_weight(W, U, d, V.t().contiguous().t())  # V through its strides too
+        assert got.dtype == dtype
+        assert rel_err(got, exact) <= 2 * rel_err(plain, exact) + torch.finfo(dtype).eps / 8
+
+
 def test_triton_opcheck():
     from spectral_kernels.ops.spectral_linear import _spectral_linear_op
 
@@ -118,10 +145,15 @@ def test_triton_gpu_expanded_dy(dtype):
 
 
 @pytest.mark.gpu
-def test_auto_picks_triton_on_cuda():
+def test_auto_on_cuda_follows_the_measured_plans():
     from spectral_kernels.backends import resolve_backend
+    from spectral_kernels.ops import plans
 
-    assert resolve_backend("auto", torch.device("cuda")) in ("triton", "cuda")
+    cuda = torch.device("cuda")
+    for phase in ("forward", "backward"):
+        shape = (8192, 4096, 4096, 16)
+        want = "triton" if plans.prefers_triton(phase, shape) else "torch"
+        assert resolve_backend("auto", cuda, torch.bfloat16, shape, phase) == want
 
 
 # --- compiled for real GPUs, without one ----------------------------------------------------------
