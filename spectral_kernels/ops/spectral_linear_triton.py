@@ -50,11 +50,14 @@ def _accumulate_product(
 ):
     """acc += a[offs_m, :K]·b[:K, offs_n], walking K in BLOCK_K steps with masked edges.
 
-    IEEE fp32 products are summed in two levels, each BLOCK_K-long dot into a fresh accumulator
-    that is then added to acc: one long FMA chain per output gave 2-3× cuBLAS's float32 error at
-    K ≈ 250..4096 on an H100 (whose SGEMM splits the reduction), this stays within it.
+    IEEE fp32 products are summed in two levels: each BLOCK_K-long dot from zero, then added to
+    acc with Kahan compensation. One FMA chain over all of K gave 2-3× cuBLAS's float32 error at
+    K ≈ 250..4096 on an H100 (whose SGEMM splits the reduction). A plain ``acc += tl.dot(a, b)``
+    is no cure: Triton folds it back into ``tl.dot(a, b, acc)`` (same error, measured); the
+    subtraction of the compensation keeps the two levels apart.
     """
     offs_k = tl.arange(0, BLOCK_K)
+    comp = tl.zeros_like(acc)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < K
@@ -63,7 +66,10 @@ def _accumulate_product(
         b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if INPUT_PRECISION == "ieee":
-            acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
+            y = tl.dot(a, b, input_precision=INPUT_PRECISION) - comp
+            t = acc + y
+            comp = (t - acc) - y
+            acc = t
         else:
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
@@ -163,10 +169,7 @@ def _dense_lowrank_kernel(
             z = (z.to(tl.float32) * d[None, :]).to(z_ptr.dtype.element_ty)
         u = tl.load(u_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        if INPUT_PRECISION == "ieee":
-            acc += tl.dot(z, u, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(z, u, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(z, u, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -230,21 +233,24 @@ def _dense_blocks(dtype: torch.dtype) -> _Blocks:
     16-bit operands: 128×256×64, 8 warps, 3 stages, the fastest of ten configurations measured on
     an H100 (benchmarks/gpu/tune_plans.py, T = 8192, in = out = 4096, bf16: forward 0.415 ms at
     k = 16 against 0.490 ms for 128×128×64 and 0.384 ms for cuBLAS's x·Wᵀ alone). fp32 keeps
-    128×128×32 (untuned; its products are IEEE FMA, not tensor cores).
+    128×128×16 (untuned; IEEE FMA products, not tensor cores, summed 16 at a time before the
+    compensated outer sum of _accumulate_product).
     """
     if triton_interpret_enabled():
-        return _Blocks(16, 32, 32, 1, 1)
+        return _Blocks(16, 32, 16 if dtype == torch.float32 else 32, 1, 1)
     if dtype == torch.float32:
-        return _Blocks(128, 128, 32, 8, 3)
+        return _Blocks(128, 128, 16, 8, 3)
     return _Blocks(128, 256, 64, 8, 3)
 
 
-def _project_blocks(rank: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps) for the thin projection GEMM [T, K]·[K, k]."""
+def _project_blocks(rank: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps) for the thin projection GEMM [T, K]·[K, k]; fp32
+    walks K 16 at a time (the inner chains of its two-level sum)."""
     block_r = min(max(triton.next_power_of_2(rank), 16), 64)
+    block_k = 16 if dtype == torch.float32 else (32 if triton_interpret_enabled() else 64)
     if triton_interpret_enabled():
-        return 16, block_r, 32, 1
-    return 64, block_r, 64, 4
+        return 16, block_r, block_k, 1
+    return 64, block_r, block_k, 4
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -281,7 +287,7 @@ def lowrank_project(
     R = b.shape[1]
     out = torch.empty((M, R), device=a.device, dtype=a.dtype)
     scaled = torch.empty_like(out) if d is not None else None
-    block_m, block_r, block_k, num_warps = _project_blocks(R)
+    block_m, block_r, block_k, num_warps = _project_blocks(R, a.dtype)
     grid_m = triton.cdiv(M, block_m)
     partial = (
         torch.empty((grid_m, R), device=a.device, dtype=torch.float32) if aux is not None else None

@@ -38,7 +38,7 @@ def _variants(dtype):
     t = getattr(torch, dtype)
     precision = "ieee" if dtype == "float32" else "tf32"
     blocks = tri._dense_blocks(t)
-    block_m, block_r, block_k, warps = tri._project_blocks(64)
+    block_m, block_r, block_k, warps = tri._project_blocks(64, t)
     # forward reads weight [out, in] along its rows; backward reads it transposed (unit stride on n)
     dense_units = {"forward": ("stride_ak", "stride_wk", "stride_zr", "stride_ur", "stride_on"),
                    "backward": ("stride_ak", "stride_wn", "stride_zr", "stride_ur", "stride_on")}
