@@ -98,9 +98,24 @@ def _lowrank_project_kernel(
     mask_m = offs_m < M
     mask_r = offs_r < R
 
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc = _accumulate_product(acc, a_ptr, b_ptr, offs_m, offs_r, mask_m, mask_r, K,
-                              stride_am, stride_ak, stride_bk, stride_br, INPUT_PRECISION, BLOCK_K)
+    if INPUT_PRECISION == "ieee":
+        # float32 operands: float64 products and sums. This thin GEMM is memory-bound, and z and g
+        # feed dd = Σ z ⊙ g, whose cancellation over tokens magnified fp32 chains to 2.2-2.6×
+        # cuBLAS's error (H100, T = 1 and 129); in float64 z and g are rounded once.
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float64)
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < K
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_r[None, :] * stride_br,
+                        mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc, input_precision="ieee", out_dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc = _accumulate_product(acc, a_ptr, b_ptr, offs_m, offs_r, mask_m, mask_r, K,
+                                  stride_am, stride_ak, stride_bk, stride_br, INPUT_PRECISION, BLOCK_K)
 
     mask = mask_m[:, None] & mask_r[None, :]
     out = acc.to(out_ptr.dtype.element_ty)
@@ -111,11 +126,12 @@ def _lowrank_project_kernel(
         scaled = (out.to(tl.float32) * d[None, :]).to(scaled_ptr.dtype.element_ty)
         tl.store(scaled_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, scaled, mask=mask)
     if REDUCE_AUX:
-        # dd partials from the fp32 accumulator; rows past M were loaded as 0 and add nothing.
+        # dd partials from the unrounded accumulator (float64 for float32 operands, whose partials
+        # are float64 too); rows past M were loaded as 0 and add nothing.
         aux = tl.load(aux_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * stride_xr,
-                      mask=mask, other=0.0).to(tl.float32)
+                      mask=mask, other=0.0).to(acc.dtype)
         partial = tl.sum(acc * aux, axis=0)
-        tl.store(partial_ptr + pid_m * R + offs_r, partial, mask=mask_r)
+        tl.store(partial_ptr + pid_m * R + offs_r, partial.to(partial_ptr.dtype.element_ty), mask=mask_r)
 
 
 @triton.jit
@@ -289,9 +305,8 @@ def lowrank_project(
     scaled = torch.empty_like(out) if d is not None else None
     block_m, block_r, block_k, num_warps = _project_blocks(R, a.dtype)
     grid_m = triton.cdiv(M, block_m)
-    partial = (
-        torch.empty((grid_m, R), device=a.device, dtype=torch.float32) if aux is not None else None
-    )
+    partial_dtype = torch.float64 if a.dtype == torch.float32 else torch.float32
+    partial = torch.empty((grid_m, R), device=a.device, dtype=partial_dtype) if aux is not None else None
     scaled_arg = scaled if scaled is not None else out
     aux_arg = aux if aux is not None else out
     _lowrank_project_kernel[(grid_m, triton.cdiv(R, block_r))](

@@ -50,7 +50,7 @@ def _variants(dtype):
             ), dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages), units
     project_units = ("stride_ak", "stride_br", "stride_or", "stride_sr", "stride_xr")
     for scaled, reduce in ((False, False), (True, False), (False, True), (True, True)):
-        yield tri._lowrank_project_kernel, {"partial_ptr": "*fp32"}, dict(
+        yield tri._lowrank_project_kernel, {"partial_ptr": "*fp64" if dtype == "float32" else "*fp32"}, dict(
             STORE_SCALED=scaled, REDUCE_AUX=reduce, INPUT_PRECISION=precision,
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         ), dict(num_warps=warps), project_units
