@@ -6,10 +6,12 @@ Three ways to choose, strongest first:
 2. the :func:`use_backend` context manager;
 3. the ``SPECTRAL_KERNELS_BACKEND`` environment variable.
 
-``"auto"`` resolves per call: on CUDA tensors in fp32/fp16/bf16, ``"cuda"`` for the shapes whose
-compiled plan is preferred (the decode plan, T <= 16, when ``spectral_kernels._C`` is built for the
-device), else ``"triton"`` when Triton imports; ``"torch"`` otherwise. An explicit request for a backend that cannot run the call raises
-:class:`BackendUnavailableError` saying why; it never silently falls back.
+``"auto"`` resolves per call and per direction (forward, backward) from the measured rules of
+``spectral_kernels/ops/plans.py``: on CUDA tensors in fp32/fp16/bf16, ``"cuda"`` where the compiled
+decode plan measured faster (when ``spectral_kernels._C`` is built for the device), ``"triton"``
+where a Triton plan did, ``"torch"`` (cuBLAS) otherwise; ``"torch"`` for CPU tensors and float64.
+An explicit request for a backend that cannot run the call raises :class:`BackendUnavailableError`
+saying why; it never silently falls back.
 """
 from __future__ import annotations
 
@@ -149,11 +151,11 @@ def _auto_prefers_cuda(device: torch.device, dtype: torch.dtype | None, shape: t
     return prefers_cuda(*shape, dtype if dtype is not None else torch.float32)
 
 
-def _auto_prefers_triton(phase: str, shape: tuple[int, int, int, int] | None) -> bool:
+def _auto_prefers_triton(phase: str, shape: tuple[int, int, int, int] | None, has_weight: bool) -> bool:
     """Whether "auto" runs this call of a CUDA tensor on triton rather than torch (cuBLAS)."""
-    from spectral_kernels.ops.plans import prefers_triton
+    from spectral_kernels.ops import plans
 
-    return prefers_triton(phase, shape)
+    return plans.prefers_triton(phase, shape, has_weight)
 
 
 PHASES = ("forward", "backward")
@@ -165,11 +167,12 @@ def resolve_backend(
     dtype: torch.dtype | None = None,
     shape: tuple[int, int, int, int] | None = None,
     phase: str = "forward",
+    has_weight: bool = True,
 ) -> str:
     """Turn a request (possibly "auto") into a concrete backend that can run on ``device``.
 
-    ``shape`` = (tokens, in_features, out_features, k) and ``phase`` ("forward" or "backward")
-    let "auto" pick per plan from measured data: on CUDA, the forward of the shapes the compiled
+    ``shape`` = (tokens, in_features, out_features, k), ``phase`` ("forward" or "backward") and
+    ``has_weight`` (delta form) let "auto" pick per plan from measured data (``ops/plans.py``): on CUDA, the forward of the shapes the compiled
     decode plan serves better (``spectral_linear_cuda.prefers_cuda``) goes to "cuda" when
     ``spectral_kernels._C`` is built for this device; the calls where the Triton plans measured
     faster (``spectral_linear_triton.prefers_triton``) to "triton"; the rest to "torch", whose
@@ -187,7 +190,7 @@ def resolve_backend(
         if device.type == "cuda" and kernel_dtype:
             if phase == "forward" and shape is not None and _auto_prefers_cuda(device, dtype, shape):
                 return "cuda"
-            if _auto_prefers_triton(phase, shape) and backend_status("triton", device).available:
+            if _auto_prefers_triton(phase, shape, has_weight) and backend_status("triton", device).available:
                 return "triton"
         return "torch"
     status = backend_status(name, device)

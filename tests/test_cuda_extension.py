@@ -192,13 +192,14 @@ def test_decode_plan_checks_its_arguments():
         _ext._C.decode_plan(3, 8, 0, 2, 132)
 
 
-def test_prefers_cuda_only_where_the_decode_plan_measured_faster():
+def test_prefers_cuda_only_where_the_decode_plan_measured_faster(monkeypatch):
     from spectral_kernels.ops import plans
 
-    top = plans.DECODE_AUTO_MAX_TOKENS
+    assert not any(cuda_ops.prefers_cuda(t, 4096, 4096, 16, torch.float16) for t in range(17))  # as measured
+    monkeypatch.setattr(plans, "DECODE_AUTO_MAX_TOKENS", 4)
     assert cuda_ops.prefers_cuda(1, 4096, 4096, 16, torch.float16)
-    assert cuda_ops.prefers_cuda(top, 4096, 4096, 16, torch.bfloat16)
-    assert not cuda_ops.prefers_cuda(top + 1, 4096, 4096, 16, torch.float16)
+    assert cuda_ops.prefers_cuda(4, 4096, 4096, 16, torch.bfloat16)
+    assert not cuda_ops.prefers_cuda(5, 4096, 4096, 16, torch.float16)
     assert not cuda_ops.prefers_cuda(17, 4096, 4096, 16, torch.float16)  # mma plan: never
     assert not cuda_ops.prefers_cuda(0, 4096, 4096, 16, torch.float16)
     assert not cuda_ops.prefers_cuda(1, 4096, 4096, 16, torch.float64)

@@ -186,7 +186,8 @@ def spectral_linear(
         weight: frozen dense weight ``[out, in]`` (delta form) or None (pure form).
         backend: "auto" | "torch" | "triton" | "cuda"; "auto" defers to
             :func:`spectral_kernels.use_backend`, then ``SPECTRAL_KERNELS_BACKEND``, then picks
-            triton for CUDA tensors and torch otherwise.
+            per direction from the measured rules of ``ops/plans.py`` (on CUDA: triton's fold
+            plan for the delta form at T ≥ 8192 and k ≤ 64, torch's cuBLAS chain otherwise).
 
     Returns:
         y ``[..., out]`` in x's dtype.
@@ -215,8 +216,9 @@ def spectral_linear(
     in_features, out_features, k = check_spectral_linear_args(x, U, d, V, bias, weight)
     tokens = x.numel() // in_features if in_features else 0
     shape = (tokens, in_features, out_features, k)
-    forward_backend = resolve_backend(backend, x.device, x.dtype, shape, "forward")
-    backward_backend = resolve_backend(backend, x.device, x.dtype, shape, "backward")
+    delta = weight is not None
+    forward_backend = resolve_backend(backend, x.device, x.dtype, shape, "forward", delta)
+    backward_backend = resolve_backend(backend, x.device, x.dtype, shape, "backward", delta)
     if torch.compiler.is_compiling():
         y, _ = _spectral_linear_op(x, U, d, V, bias, weight, forward_backend, backward_backend)
     else:

@@ -171,9 +171,9 @@ def _calls_backend(monkeypatch):
     seen = []
     real = mod.resolve_backend
 
-    def spy(backend, device, dtype=None, shape=None, phase="forward"):
+    def spy(backend, device, dtype=None, shape=None, phase="forward", has_weight=True):
         if phase == "forward":
-            seen.append(real(backend, device, dtype, shape, phase))
+            seen.append(real(backend, device, dtype, shape, phase, has_weight))
         return "torch"  # run on torch whatever was chosen, so the test runs anywhere
 
     monkeypatch.setattr(mod, "resolve_backend", spy)
@@ -219,7 +219,7 @@ def test_auto_sends_float64_to_torch_even_on_cuda(monkeypatch):
     from spectral_kernels.ops import plans
 
     monkeypatch.setattr(backends, "backend_status", lambda name, device=None: backends.BackendStatus(name, True, "test"))
-    monkeypatch.setattr(plans, "prefers_triton", lambda phase, shape: True)
+    monkeypatch.setattr(plans, "prefers_triton", lambda phase, shape, has_weight=True: True)
     cuda = torch.device("cuda")
     assert backends.resolve_backend("auto", cuda, torch.float64) == "torch"
     assert backends.resolve_backend("auto", cuda, torch.bfloat16) == "triton"
@@ -237,7 +237,8 @@ def test_auto_follows_the_measured_plans(monkeypatch):
     monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (
         backends.BackendStatus(name, True, "faked") if name in ("cuda", "triton") else real_status(name, device)))
     monkeypatch.setattr(plans, "DECODE_AUTO_MAX_TOKENS", 4)
-    monkeypatch.setattr(plans, "prefers_triton", lambda phase, shape: phase == "backward" and shape[0] >= 1024)
+    monkeypatch.setattr(plans, "prefers_triton",
+                        lambda phase, shape, has_weight=True: has_weight and phase == "backward" and shape[0] >= 1024)
     cuda = torch.device("cuda")
     resolve = backends.resolve_backend
     assert resolve("auto", cuda, torch.float16, (4, 4096, 4096, 16), "forward") == "cuda"
@@ -245,6 +246,7 @@ def test_auto_follows_the_measured_plans(monkeypatch):
     assert resolve("auto", cuda, torch.float16, (5, 4096, 4096, 16), "forward") == "torch"
     assert resolve("auto", cuda, torch.float16, (1024, 4096, 4096, 16), "forward") == "torch"
     assert resolve("auto", cuda, torch.float16, (1024, 4096, 4096, 16), "backward") == "triton"
+    assert resolve("auto", cuda, torch.float16, (1024, 4096, 4096, 16), "backward", has_weight=False) == "torch"
     assert resolve("auto", cuda, torch.float64, (1, 64, 64, 4)) == "torch"
     with pytest.raises(ValueError, match="phase must be one of"):
         resolve("auto", cuda, torch.float16, (1, 64, 64, 4), "both")
@@ -266,3 +268,21 @@ def test_eager_function_and_custom_op_agree():
         results.append([y.detach(), z] + [getattr(ops, g).grad for g in grads])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_measured_plan_rules():
+    """The thresholds of ops/plans.py as measured: the fold plan of the triton backend for the delta
+    form at T >= FOLD_MIN_TOKENS and k <= FOLD_AUTO_MAX_RANK, torch elsewhere, no decode plan."""
+    from spectral_kernels.ops import plans
+
+    big, k_small, k_big = plans.FOLD_MIN_TOKENS, plans.FOLD_AUTO_MAX_RANK, plans.FOLD_AUTO_MAX_RANK + 1
+    assert plans.prefers_triton("forward", (big, 4096, 4096, k_small))
+    assert plans.prefers_triton("backward", (big, 4096, 4096, k_small))
+    assert not plans.prefers_triton("forward", (big, 4096, 4096, k_small), has_weight=False)
+    assert not plans.prefers_triton("forward", (big - 1, 4096, 4096, k_small))
+    assert not plans.prefers_triton("forward", (big, 4096, 4096, k_big))
+    assert not plans.prefers_triton("forward", None)
+    assert plans.triton_plan(big, 16, True) == "fold"
+    assert plans.triton_plan(big, 16, False) == "fused"
+    assert plans.triton_plan(16, plans.FUSED_MAX_RANK + 1, True) == "two_gemm"
+    assert not any(plans.prefers_cuda(t, 4096, 4096, 16) for t in range(0, 17))

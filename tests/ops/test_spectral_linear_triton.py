@@ -152,7 +152,7 @@ def test_auto_on_cuda_follows_the_measured_plans():
     cuda = torch.device("cuda")
     for phase in ("forward", "backward"):
         shape = (8192, 4096, 4096, 16)
-        want = "triton" if plans.prefers_triton(phase, shape) else "torch"
+        want = "triton" if plans.prefers_triton(phase, shape, True) else "torch"
         assert resolve_backend("auto", cuda, torch.bfloat16, shape, phase) == want
 
 
