@@ -13,7 +13,7 @@ The default mode is "speclora": a random base has no pretrained spectral basis w
 (--model) they are the ~0.1-0.3% trainable-parameter option.
 
 Steps: adapt → train only the spectral coefficients (+ LoRA in "speclora" mode, + the head) →
-save the adapter → load it into a fresh copy of the base → merge into plain nn.Linear layers.
+save the adapter folder → rebuild it on a fresh copy of the base → merge into plain nn.Linear layers.
 """
 from __future__ import annotations
 
@@ -23,14 +23,7 @@ import tempfile
 
 import torch
 
-from spectral_kernels.adapt import (
-    SpectralConfig,
-    adapt,
-    load_adapter,
-    merge_adapter,
-    print_trainable_parameters,
-    save_adapter,
-)
+import spectral_kernels as sk
 
 VOCAB, LENGTH, MARKER = 200, 16, 7
 
@@ -78,10 +71,10 @@ def main() -> None:
     x_test, y_test = make_task(256, vocab, seed=2)
 
     # 1. adapt: every linear layer of the encoder becomes spectral; the classifier head stays trainable
-    config = SpectralConfig(target_modules="all-linear", rank=rank, mode=args.mode, lora_rank=8,
-                            lora_alpha=16, modules_to_save=["classifier"])
-    adapt(model, config, verbose=False)
-    print_trainable_parameters(model)
+    config = sk.SpectralConfig(target_modules="all-linear", rank=rank, mode=args.mode, lora_rank=8,
+                               lora_alpha=16, modules_to_save=["classifier"])
+    sk.adapt(model, config)
+    sk.print_trainable_parameters(model)
     print(f"accuracy before: {accuracy(model, x_test, y_test):.3f}")
 
     # 2. train only what requires grad
@@ -99,12 +92,12 @@ def main() -> None:
     acc = accuracy(model, x_test, y_test)
     print(f"accuracy after:  {acc:.3f}")
 
-    # 3. save the adapter, load it into a fresh copy of the base, merge into dense layers
+    # 3. save the adapter folder, rebuild the model from a fresh copy of the base, merge into dense layers
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "adapter.safetensors")
-        save_adapter(model, path)
-        fresh = load_adapter(build_model(args.model), path, verbose=False)
-    merge_adapter(fresh)
+        folder = os.path.join(tmp, "adapter")
+        print(sk.save_pretrained(model, folder))
+        fresh = sk.from_pretrained(build_model(args.model), folder)
+    sk.merge_adapter(fresh)
     merged_acc = accuracy(fresh, x_test, y_test)
     print(f"accuracy of the reloaded, merged model: {merged_acc:.3f}")
     assert abs(merged_acc - acc) < 1e-6, "the reloaded, merged model should predict as the trained one"

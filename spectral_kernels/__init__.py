@@ -1,12 +1,11 @@
 """spectral-kernels: fused kernels for spectral fine-tuning.
 
 The primitive is ``y = x·Wᵀ + ((x·V) ⊙ d)·Uᵀ + b`` (:func:`spectral_linear`) with its backward,
-wrapped as a drop-in ``nn.Linear`` replacement (:class:`SpectralLinear`), and the batched
-truncated SVD its layers start from (:func:`truncated_svd`, :func:`batched_truncated_svd`), and
-the adaptation layer ``spectral_kernels.adapt`` (``adapt(model, SpectralConfig(...))``, adapter
-files, merging) that turns a model's linear layers spectral.
+wrapped as a drop-in ``nn.Linear`` replacement (:class:`SpectralLinear`), the batched truncated SVD
+its layers start from (:func:`truncated_svd`, :func:`batched_truncated_svd`), and the adaptation API
+in peft's shape (``sk.adapt(model, sk.SpectralConfig(...))``, ``sk.save_pretrained`` /
+``sk.from_pretrained``, adapter files, merging), implemented in ``spectral_kernels.tuning``.
 """
-from spectral_kernels import adapt
 from spectral_kernels.backends import (
     BackendUnavailableError,
     backend_status,
@@ -17,19 +16,43 @@ from spectral_kernels.nn.spectral_linear import SpectralLinear
 from spectral_kernels.ops.reference import spectral_linear_ref
 from spectral_kernels.ops.spectral_linear import spectral_linear
 from spectral_kernels.ops.truncated_svd import SVDResult, batched_truncated_svd, truncated_svd
+from spectral_kernels.tuning import (
+    AdapterMismatchError,
+    SpectralConfig,
+    adapt,
+    from_pretrained,
+    load_adapter,
+    merge_adapter,
+    print_trainable_parameters,
+    save_adapter,
+    save_pretrained,
+    unload,
+    unmerge,
+)
 
-__version__ = "0.1.0"
+from spectral_kernels._version import __version__  # noqa: E402
 
 __all__ = [
+    "AdapterMismatchError",
     "BackendUnavailableError",
     "SpecLoRALinear",
     "SVDResult",
+    "SpectralConfig",
     "SpectralLinear",
-    "batched_truncated_svd",
+    "adapt",
     "backend_status",
+    "batched_truncated_svd",
+    "from_pretrained",
+    "load_adapter",
+    "merge_adapter",
+    "print_trainable_parameters",
+    "save_adapter",
+    "save_pretrained",
     "spectral_linear",
     "spectral_linear_ref",
     "truncated_svd",
+    "unload",
+    "unmerge",
     "use_backend",
     "__version__",
 ]

@@ -83,28 +83,20 @@ def extension_summary() -> str:
     )
 
 
-def cuda_backend_status(device: torch.device | None):
-    """BackendStatus of the compiled CUDA backend for ``device``."""
-    from spectral_kernels.backends import BackendStatus
-
+def cuda_status(device: torch.device | None) -> tuple[bool, str]:
+    """(whether the compiled CUDA backend can run on ``device``, the reason in words)."""
     if _C is None:
-        return BackendStatus(
-            "cuda", False, f"the extension spectral_kernels._C is not built ({IMPORT_ERROR}); {REBUILD_HINT}"
-        )
+        return False, f"the extension spectral_kernels._C is not built ({IMPORT_ERROR}); {REBUILD_HINT}"
     if device is not None and device.type != "cuda":
-        return BackendStatus("cuda", False, f"the cuda backend needs CUDA tensors, got device '{device.type}'")
+        return False, f"the cuda backend needs CUDA tensors, got device '{device.type}'"
     if not torch.cuda.is_available():
-        return BackendStatus("cuda", False, "spectral_kernels._C is built but no CUDA device is visible")
+        return False, "spectral_kernels._C is built but no CUDA device is visible"
     index = device.index if device is not None and device.index is not None else -1
     capability = _device_capability(index)
     if not runs_on(capability):
-        return BackendStatus(
-            "cuda",
-            False,
+        return False, (
             f"spectral_kernels._C was built for {', '.join(compiled_archs())}, which cannot run on "
             f"this sm_{capability[0]}{capability[1]} device; rebuild with "
-            f"SPECTRAL_KERNELS_CUDA_ARCHS={capability[0]}{capability[1]}",
+            f"SPECTRAL_KERNELS_CUDA_ARCHS={capability[0]}{capability[1]}"
         )
-    return BackendStatus(
-        "cuda", True, f"compiled CUDA kernels (spectral_kernels._C, {', '.join(compiled_archs())})"
-    )
+    return True, f"compiled CUDA kernels (spectral_kernels._C, {', '.join(compiled_archs())})"

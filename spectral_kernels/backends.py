@@ -7,7 +7,7 @@ Three ways to choose, strongest first:
 3. the ``SPECTRAL_KERNELS_BACKEND`` environment variable.
 
 ``"auto"`` resolves per call and per direction (forward, backward) from the measured rules of
-``spectral_kernels/ops/plans.py``: on CUDA tensors in fp32/fp16/bf16, ``"cuda"`` where the compiled
+``spectral_kernels/plans.py``: on CUDA tensors in fp32/fp16/bf16, ``"cuda"`` where the compiled
 decode plan measured faster (when ``spectral_kernels._C`` is built for the device), ``"triton"``
 where a Triton plan did, ``"torch"`` (cuBLAS) otherwise; ``"torch"`` for CPU tensors and float64.
 An explicit request for a backend that cannot run the call raises :class:`BackendUnavailableError`
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from spectral_kernels import plans
 
 #: Every backend name an op accepts. "cuda" is the compiled extension ``spectral_kernels._C``;
 #: it is a known name even when the extension is not built (then it reports why it is unavailable).
@@ -91,7 +93,7 @@ def backend_status(name: str, device: torch.device | None = None) -> BackendStat
     if name == "cuda":
         from spectral_kernels import _ext
 
-        return _ext.cuda_backend_status(device)
+        return BackendStatus(name, *_ext.cuda_status(device))
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
@@ -144,17 +146,15 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _auto_prefers_cuda(device: torch.device, dtype: torch.dtype | None, shape: tuple[int, int, int, int]) -> bool:
     """The compiled backend is available here and its plan for this shape is the one to run."""
-    if not backend_status("cuda", device).available:
+    if dtype is not None and dtype not in KERNEL_DTYPES:
         return False
-    from spectral_kernels.ops.spectral_linear_cuda import prefers_cuda
-
-    return prefers_cuda(*shape, dtype if dtype is not None else torch.float32)
+    if not plans.prefers_cuda(*shape):  # cheap rule first: the status below queries the device
+        return False
+    return backend_status("cuda", device).available
 
 
 def _auto_prefers_triton(phase: str, shape: tuple[int, int, int, int] | None, has_weight: bool) -> bool:
     """Whether "auto" runs this call of a CUDA tensor on triton rather than torch (cuBLAS)."""
-    from spectral_kernels.ops import plans
-
     return plans.prefers_triton(phase, shape, has_weight)
 
 
@@ -172,11 +172,11 @@ def resolve_backend(
     """Turn a request (possibly "auto") into a concrete backend that can run on ``device``.
 
     ``shape`` = (tokens, in_features, out_features, k), ``phase`` ("forward" or "backward") and
-    ``has_weight`` (delta form) let "auto" pick per plan from measured data (``ops/plans.py``): on CUDA, the forward of the shapes the compiled
-    decode plan serves better (``spectral_linear_cuda.prefers_cuda``) goes to "cuda" when
-    ``spectral_kernels._C`` is built for this device; the calls where the Triton plans measured
-    faster (``spectral_linear_triton.prefers_triton``) to "triton"; the rest to "torch", whose
-    products run on cuBLAS.
+    ``has_weight`` (delta form) let "auto" pick per plan from the measured rules of
+    ``spectral_kernels/plans.py``: on CUDA, the forward of the shapes the compiled decode plan
+    serves better goes to "cuda" when ``spectral_kernels._C`` is built for this device; the calls
+    where a Triton plan measured faster to "triton"; the rest to "torch", whose products run on
+    cuBLAS.
 
     Raises:
         BackendUnavailableError: an explicitly requested backend cannot run here; the message

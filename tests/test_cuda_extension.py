@@ -29,7 +29,7 @@ def test_missing_extension_names_how_to_rebuild(monkeypatch):
     monkeypatch.setattr(_ext, "IMPORT_ERROR", "No module named 'spectral_kernels._C'")
     with pytest.raises(RuntimeError, match="SPECTRAL_KERNELS_CUDA=1 pip install"):
         _ext.extension()
-    assert not _ext.cuda_backend_status(None).available
+    assert not _ext.cuda_status(None)[0]
     assert "not built" in _ext.extension_summary()
     assert _ext.compiled_archs() == []
 
@@ -193,7 +193,7 @@ def test_decode_plan_checks_its_arguments():
 
 
 def test_prefers_cuda_only_where_the_decode_plan_measured_faster(monkeypatch):
-    from spectral_kernels.ops import plans
+    from spectral_kernels import plans
 
     assert not any(cuda_ops.prefers_cuda(t, 4096, 4096, 16, torch.float16) for t in range(17))  # as measured
     monkeypatch.setattr(plans, "DECODE_AUTO_MAX_TOKENS", 4)

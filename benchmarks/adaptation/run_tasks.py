@@ -105,7 +105,7 @@ def build(method: str, rank: int, lr: float | None):
 
         cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=ENCODER_LINEARS, modules_to_save=["head"])
         return get_peft_model(model, cfg), lr or 1e-3
-    from spectral_kernels.adapt import SpectralConfig, adapt
+    from spectral_kernels.tuning import SpectralConfig, adapt
 
     mode = {"scale": "scale", "scale_full": "scale", "shift": "shift", "speclora": "speclora"}[method]
     r = "full" if method == "scale_full" else rank

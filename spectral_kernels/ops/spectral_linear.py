@@ -186,7 +186,7 @@ def spectral_linear(
         weight: frozen dense weight ``[out, in]`` (delta form) or None (pure form).
         backend: "auto" | "torch" | "triton" | "cuda"; "auto" defers to
             :func:`spectral_kernels.use_backend`, then ``SPECTRAL_KERNELS_BACKEND``, then picks
-            per direction from the measured rules of ``ops/plans.py`` (on CUDA: triton's fold
+            per direction from the measured rules of ``plans.py`` (on CUDA: triton's fold
             plan for the delta form at T ≥ 8192 and k ≤ 64, torch's cuBLAS chain otherwise).
 
     Returns:

@@ -314,10 +314,10 @@ def _(z, g, dy):
 # --- 3. backend functions ----------------------------------------------------------------------------
 def prefers_cuda(tokens: int, in_features: int, out_features: int, k: int, dtype: torch.dtype) -> bool:
     """Whether "auto" should run this forward on the cuda backend: a kernel dtype and a shape whose
-    decode plan measured faster than the torch chain (``ops/plans.py``). The mma plan (WMMA,
+    decode plan measured faster than the torch chain (``plans.py``). The mma plan (WMMA,
     single-buffered 64×64 tiles) measured 30-40× slower than cuBLAS at T = 8192 on an H100 and is
     never chosen by "auto"."""
-    from spectral_kernels.ops.plans import prefers_cuda as decode_wins
+    from spectral_kernels.plans import prefers_cuda as decode_wins
 
     return dtype in DTYPE_CODES and decode_wins(tokens, in_features, out_features, k)
 

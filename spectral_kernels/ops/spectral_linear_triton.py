@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from spectral_kernels.backends import triton_interpret_enabled
-from spectral_kernels.ops.plans import triton_plan
+from spectral_kernels.plans import triton_plan
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

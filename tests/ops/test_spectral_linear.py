@@ -216,7 +216,7 @@ def test_explicit_unavailable_backend_says_why(monkeypatch):
 
 def test_auto_sends_float64_to_torch_even_on_cuda(monkeypatch):
     from spectral_kernels import backends
-    from spectral_kernels.ops import plans
+    from spectral_kernels import plans
 
     monkeypatch.setattr(backends, "backend_status", lambda name, device=None: backends.BackendStatus(name, True, "test"))
     monkeypatch.setattr(plans, "prefers_triton", lambda phase, shape, has_weight=True: True)
@@ -227,11 +227,11 @@ def test_auto_sends_float64_to_torch_even_on_cuda(monkeypatch):
 
 
 def test_auto_follows_the_measured_plans(monkeypatch):
-    """"auto" on CUDA: the decode plan's forward to cuda where ops/plans.py says it measured
+    """"auto" on CUDA: the decode plan's forward to cuda where plans.py says it measured
     faster, triton where a Triton plan did, torch (cuBLAS) otherwise; each direction on its own.
     Checked without a GPU by faking both backends' availability and the plan rules."""
     from spectral_kernels import backends
-    from spectral_kernels.ops import plans
+    from spectral_kernels import plans
 
     real_status = backends.backend_status
     monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (
@@ -271,9 +271,9 @@ def test_eager_function_and_custom_op_agree():
 
 
 def test_measured_plan_rules():
-    """The thresholds of ops/plans.py as measured: the fold plan of the triton backend for the delta
+    """The thresholds of plans.py as measured: the fold plan of the triton backend for the delta
     form at T >= FOLD_MIN_TOKENS and k <= FOLD_AUTO_MAX_RANK, torch elsewhere, no decode plan."""
-    from spectral_kernels.ops import plans
+    from spectral_kernels import plans
 
     big, k_small, k_big = plans.FOLD_MIN_TOKENS, plans.FOLD_AUTO_MAX_RANK, plans.FOLD_AUTO_MAX_RANK + 1
     assert plans.prefers_triton("forward", (big, 4096, 4096, k_small))

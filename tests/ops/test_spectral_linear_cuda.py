@@ -17,8 +17,7 @@ from tests.helpers import assert_matches_reference, check_backend_direct, make_o
 def _cuda_ready() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "needs a CUDA device"
-    status = _ext.cuda_backend_status(torch.device("cuda"))
-    return status.available, status.reason
+    return _ext.cuda_status(torch.device("cuda"))
 
 
 _READY, _WHY = _cuda_ready()

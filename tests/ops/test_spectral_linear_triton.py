@@ -147,7 +147,7 @@ def test_triton_gpu_expanded_dy(dtype):
 @pytest.mark.gpu
 def test_auto_on_cuda_follows_the_measured_plans():
     from spectral_kernels.backends import resolve_backend
-    from spectral_kernels.ops import plans
+    from spectral_kernels import plans
 
     cuda = torch.device("cuda")
     for phase in ("forward", "backward"):

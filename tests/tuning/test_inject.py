@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from spectral_kernels.adapt import SpectralConfig, adapt, count_parameters, print_trainable_parameters, spectral_layers
+from spectral_kernels.tuning import SpectralConfig, adapt, count_parameters, print_trainable_parameters, spectral_layers
 from spectral_kernels.nn.speclora import SpecLoRALinear
-from tests.adapt.models import MLP, tiny_bert, tiny_gpt2, tokens
+from tests.tuning.models import MLP, tiny_bert, tiny_gpt2, tokens
 
 MODES = ["scale", "shift", "speclora"]
 
@@ -111,12 +111,21 @@ def test_freezing_and_modules_to_save():
     assert model.fc1.weight.grad is None
 
 
-def test_reports(capsys):
+def test_reports_quietly_by_default(capsys, caplog):
+    import logging
+
     model = tiny_bert()
-    adapt(model, SpectralConfig(target_modules=["query"], rank=4))
+    with caplog.at_level(logging.DEBUG, logger="spectral_kernels"):
+        adapt(model, SpectralConfig(target_modules=["query"], rank=4))
+    assert capsys.readouterr().out == ""  # nothing printed: hundreds of layers on an LLM
+    logged = caplog.text
+    assert "adapted 2 layers" in logged and "trainable params: 8 ||" in logged
+    assert "bert.encoder.layer.1.attention.self.query: Linear(32→32) → SpectralLinear(rank 4" in logged
+    report = str(model.spectral_report)
+    assert "adapted 2 layers" in report and "bert.encoder.layer.1.attention.self.query: Linear(32→32)" in report
+    adapt(tiny_bert(), SpectralConfig(target_modules=["query"], rank=4), verbose=True)
     out = capsys.readouterr().out
-    assert "adapted 2 layers" in out and "bert.encoder.layer.1.attention.self.query: Linear(32→32) → SpectralLinear(rank 4" in out
-    assert "trainable params: 8 ||" in out
+    assert "adapted 2 layers" in out and "trainable params: 8 ||" in out
     print_trainable_parameters(model)
     assert capsys.readouterr().out.startswith("trainable params: 8 || all params: ")
     assert model.spectral_report.replaced and model.spectral_config.rank == 4

@@ -13,6 +13,7 @@ weights stacked, one tqdm bar), one pass per distinct k. Afterwards only the spe
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -20,7 +21,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from spectral_kernels.adapt.config import ALL_LINEAR, SpectralConfig, name_matches
+from spectral_kernels.tuning.config import ALL_LINEAR, SpectralConfig, name_matches
+from spectral_kernels.tuning.fingerprints import FINGERPRINT_ATTR, fingerprint
 from spectral_kernels.nn.speclora import SpecLoRALinear
 from spectral_kernels.nn.spectral_linear import SpectralLinear
 
@@ -30,6 +32,13 @@ SOURCE_ATTR = "spectral_source"
 CONFIG_ATTR = "spectral_config"
 
 Factors = tuple[Tensor, Tensor, Tensor]
+
+logger = logging.getLogger("spectral_kernels")
+
+#: called with the model at the end of every adapt(): layers above this module register here what
+#: an adapted model needs from them (tuning/folder.py: transformers' save_pretrained), so that this
+#: module imports nothing from above it
+ADAPT_HOOKS: list = []
 
 
 def conv1d_type() -> type | None:
@@ -134,7 +143,7 @@ def adapt(
     config: SpectralConfig,
     *,
     factors: Mapping[str, Factors] | None = None,
-    verbose: bool = True,
+    verbose: bool = False,
 ) -> nn.Module:
     """Replace ``model``'s target layers in place by spectral layers; freeze everything else.
 
@@ -143,7 +152,9 @@ def adapt(
         config: the :class:`SpectralConfig`.
         factors: precomputed ``{name: (U [out, r], s [r], V [in, r])}`` (r ≥ the layer's k) to use
             instead of the SVD (load_adapter passes a stored basis this way).
-        verbose: print what was replaced and the trainable parameter count.
+        verbose: also print the report (what was replaced and the trainable parameter count).
+            Quiet by default: the report is on ``model.spectral_report`` and goes to the
+            ``spectral_kernels`` logger (one INFO line, a DEBUG line per layer).
 
     Returns:
         ``model`` itself, with ``model.spectral_config = config`` and ``model.spectral_report``
@@ -196,6 +207,11 @@ def adapt(
     report.trainable, report.total = count_parameters(model)
     setattr(model, CONFIG_ATTR, config)
     model.spectral_report = report
+    for hook in ADAPT_HOOKS:
+        hook(model)
+    logger.info("adapted %d layers; %s", len(report.replaced), trainable_summary(report.trainable, report.total))
+    for name, what in report.replaced.items():
+        logger.debug("  %s: %s", name, what)
     if verbose:
         print(report)
     return model
@@ -271,8 +287,6 @@ def _build(module: nn.Module, k: int, svd: Factors, config: SpectralConfig) -> S
             layer.bias.copy_(bias)
     setattr(layer, SOURCE_ATTR, "linear" if isinstance(module, nn.Linear) else "conv1d")
     if layer.weight is None:  # pure form keeps no W: record the base's fingerprint for adapter files
-        from spectral_kernels.adapt.adapter_io import FINGERPRINT_ATTR, fingerprint
-
         setattr(layer, FINGERPRINT_ATTR, fingerprint(W))
     layer.train(module.training)
     return layer

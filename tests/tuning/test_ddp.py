@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spectral_kernels.adapt import SpectralConfig, adapt
+from spectral_kernels.tuning import SpectralConfig, adapt
 
 STEPS = 3
 WORLD = 2
@@ -17,13 +17,13 @@ CFG = dict(target_modules=["query", "value", "intermediate.dense"], rank=4, mode
 
 
 def _batch():
-    from tests.adapt.models import tokens
+    from tests.tuning.models import tokens
 
     return tokens(4, 6, seed=5), torch.tensor([0, 1, 2, 0])
 
 
 def _model():
-    from tests.adapt.models import tiny_bert
+    from tests.tuning.models import tiny_bert
 
     model = adapt(tiny_bert(), SpectralConfig(**CFG), verbose=False)
     model.train()

@@ -10,18 +10,11 @@ and uses bit-identical directions). Its string metadata holds:
 - ``spectral_kernels.layers``: JSON ``{name: {source, in_features, out_features, rank, mode, form,
   lora_rank, lora_alpha, fingerprint}}`` for every adapted layer.
 
-The fingerprint of a base weight W (in nn.Linear orientation [out, in]) is ``{shape, dtype, sha256,
-sum, abs_sum, norm}``: the sha256 covers shape, dtype and W's bytes (all of them up to 2²² entries,
-16 MiB of float32; beyond that 2²⁰ entries at evenly spaced positions, so the hash costs a bounded
-copy off the device), and the float64 sums and Frobenius norm cover every entry. Loading onto a
-base of the same dtype needs an equal sha256: a different checkpoint changes essentially every
-entry, so equal hashes mean the same base. A base of another dtype (the same model loaded in bf16,
-say) cannot match bytes; it is accepted when its sum and norm agree within 4 ulps of the coarser
-dtype (rounding moves the sum by at most ε·Σ|w|), which a different checkpoint does not.
+Base fingerprints: :mod:`spectral_kernels.tuning.fingerprints`.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -30,8 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spectral_kernels.adapt.config import SpectralConfig
-from spectral_kernels.adapt.inject import (
+from spectral_kernels.tuning.config import SpectralConfig
+from spectral_kernels.tuning.fingerprints import compare_fingerprints, fingerprint, layer_fingerprint
+from spectral_kernels.tuning.inject import (
     CONFIG_ATTR,
     SOURCE_ATTR,
     adapt,
@@ -47,65 +41,10 @@ FORMAT_VERSION = "1"
 META_FORMAT = "spectral_kernels.format"
 META_CONFIG = "spectral_kernels.config"
 META_LAYERS = "spectral_kernels.layers"
-#: a base weight with at most this many entries is hashed whole; a larger one by a strided sample
-FULL_HASH_NUMEL = 1 << 22
-SAMPLE_NUMEL = 1 << 20
-#: attribute where a pure-form layer keeps its base fingerprint (it has no W left to hash)
-FINGERPRINT_ATTR = "spectral_fingerprint"
 
 
 class AdapterMismatchError(ValueError):
     """An adapter file does not fit the model: another base, rank, mode or set of layers."""
-
-
-# --- fingerprints --------------------------------------------------------------------------------
-@torch.no_grad()
-def fingerprint(W: Tensor) -> dict[str, Any]:
-    """Fingerprint of a base weight (see the module docstring for what it covers and why)."""
-    W = W.detach()
-    flat = W.reshape(-1)
-    n = flat.numel()
-    if n > FULL_HASH_NUMEL:
-        flat = flat[torch.linspace(0, n - 1, SAMPLE_NUMEL, device=W.device).long()]
-    h = hashlib.sha256(repr((tuple(W.shape), str(W.dtype))).encode())
-    h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return {
-        "shape": list(W.shape),
-        "dtype": str(W.dtype).removeprefix("torch."),
-        "sha256": h.hexdigest(),
-        "sum": W.sum(dtype=torch.float64).item(),
-        "abs_sum": W.abs().sum(dtype=torch.float64).item(),
-        "norm": torch.linalg.vector_norm(W, dtype=torch.float64).item(),
-    }
-
-
-def compare_fingerprints(stored: dict[str, Any], actual: dict[str, Any]) -> str | None:
-    """None when ``actual`` is the base ``stored`` was taken from; otherwise what differs, in words."""
-    if list(stored["shape"]) != list(actual["shape"]):
-        return f"base weight shape {actual['shape']} differs from the adapter's {stored['shape']}"
-    if stored["dtype"] == actual["dtype"]:
-        if stored["sha256"] == actual["sha256"]:
-            return None
-        return (f"base weight differs from the one the adapter was trained on (sha256 {actual['sha256'][:12]} vs "
-                f"{stored['sha256'][:12]}; norm {actual['norm']:.6g} vs {stored['norm']:.6g})")
-    eps = max(torch.finfo(getattr(torch, stored["dtype"])).eps, torch.finfo(getattr(torch, actual["dtype"])).eps)
-    tol = 4 * eps
-    norm_ok = abs(actual["norm"] - stored["norm"]) <= tol * max(stored["norm"], 1e-30)
-    sum_ok = abs(actual["sum"] - stored["sum"]) <= tol * max(stored["abs_sum"], 1e-30)
-    if norm_ok and sum_ok:
-        return None
-    return (f"base weight ({actual['dtype']}) differs from the adapter's ({stored['dtype']}) beyond rounding: "
-            f"norm {actual['norm']:.6g} vs {stored['norm']:.6g}, sum {actual['sum']:.6g} vs {stored['sum']:.6g}")
-
-
-def layer_fingerprint(layer: SpectralLinear) -> dict[str, Any] | None:
-    """The base fingerprint of an adapted layer: hashed from its frozen W (delta form), or the one
-    adapt() recorded (pure form); None if neither exists."""
-    if getattr(layer, FINGERPRINT_ATTR, None) is not None:
-        return getattr(layer, FINGERPRINT_ATTR)
-    if layer.weight is not None:
-        return fingerprint(layer.weight)
-    return None
 
 
 def _layer_meta(layer: SpectralLinear) -> dict[str, Any]:
@@ -151,8 +90,9 @@ def adapter_state_dict(model: nn.Module, *, include_basis: bool = False) -> dict
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_basis: bool = False,
-                 verbose: bool = True) -> AdapterInfo:
-    """Write the adapter of an adapted model to ``path`` (safetensors); returns (and prints) its size.
+                 verbose: bool = False) -> AdapterInfo:
+    """Write the adapter of an adapted model to ``path`` (safetensors); returns its size (printed
+    too with ``verbose=True``).
 
     Args:
         model: a model :func:`adapt` rewrote (DDP / torch.compile wrappers are looked through).
@@ -202,11 +142,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[SpectralConfig, dict[str, dic
     return SpectralConfig.from_json(meta[META_CONFIG]), json.loads(meta[META_LAYERS]), tensors
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, verbose: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                 verbose: bool = False) -> nn.Module:
     """Load an adapter file into ``model`` and return it.
 
     A model that is not adapted yet is first checked against the file's base fingerprints (before
-    any SVD), then adapted with the file's config (with the stored basis when the file has one).
+    any SVD), then adapted with the file's config (with the stored basis when the file has one;
+    ``cache_dir`` replaces the config's ``svd_cache_dir`` for the SVD cache).
     An adapted model must have the same adapted layers with the same shape, rank, mode, form and
     LoRA rank. The trainable tensors are then copied in.
 
@@ -228,6 +170,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, verbose: bool = T
         if all(f"{n}.U" in tensors for n in layer_meta):
             basis = {n: (tensors.pop(f"{n}.U"), tensors.pop(f"{n}.s"), tensors.pop(f"{n}.V")) for n in layer_meta}
             basis = {n: tuple(t.to(base_weight(targets[n]).device) for t in f) for n, f in basis.items()}
+        if cache_dir is not None:
+            config = dataclasses.replace(config, svd_cache_dir=os.fspath(cache_dir))
         adapt(m, config, factors=basis, verbose=verbose)
         layers = spectral_layers(m)
     else:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from spectral_kernels.adapt import (
+from spectral_kernels.tuning import (
     AdapterMismatchError,
     SpectralConfig,
     adapt,
@@ -15,7 +15,7 @@ from spectral_kernels.adapt import (
     save_adapter,
     spectral_layers,
 )
-from tests.adapt.models import tiny_bert, tiny_gpt2, tokens
+from tests.tuning.models import tiny_bert, tiny_gpt2, tokens
 
 CFG = dict(target_modules=["query", "value"], rank=4, modules_to_save=["classifier"])
 
@@ -141,14 +141,16 @@ def test_errors_without_an_adapter(tmp_path):
         read_adapter(tmp_path / "plain.safetensors")
 
 
-def test_size_is_reported(tmp_path, capsys):
-    save_adapter(_trained(tiny_bert(), SpectralConfig(**CFG)), tmp_path / "a.safetensors")
-    out = capsys.readouterr().out
-    assert "4 layers" in out and "parameters" in out and "KiB" in out
+def test_size_is_reported_and_nothing_printed_by_default(tmp_path, capsys):
+    info = save_adapter(_trained(tiny_bert(), SpectralConfig(**CFG)), tmp_path / "a.safetensors")
+    assert capsys.readouterr().out == ""
+    assert "4 layers" in str(info) and "parameters" in str(info) and "KiB" in str(info)
+    save_adapter(_trained(tiny_bert(), SpectralConfig(**CFG)), tmp_path / "b.safetensors", verbose=True)
+    assert "4 layers" in capsys.readouterr().out
 
 
 def test_fingerprint_samples_large_weights(monkeypatch):
-    import spectral_kernels.adapt.adapter_io as io
+    import spectral_kernels.tuning.fingerprints as io
 
     monkeypatch.setattr(io, "FULL_HASH_NUMEL", 100)
     monkeypatch.setattr(io, "SAMPLE_NUMEL", 50)

@@ -23,7 +23,7 @@ ALL_LINEAR = "all-linear"
 
 @dataclass
 class SpectralConfig:
-    """How :func:`spectral_kernels.adapt.adapt` rewrites a model.
+    """How :func:`spectral_kernels.tuning.adapt` rewrites a model.
 
     Args:
         target_modules: which layers to adapt, matched against the qualified module names of

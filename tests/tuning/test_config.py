@@ -1,7 +1,7 @@
 """SpectralConfig validation and the rank rules."""
 import pytest
 
-from spectral_kernels.adapt import SpectralConfig
+from spectral_kernels.tuning import SpectralConfig
 
 
 def test_defaults_and_roundtrip():

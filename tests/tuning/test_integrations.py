@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from spectral_kernels.adapt import SpectralConfig, adapt, spectral_layers
-from tests.adapt.models import MLP, tiny_bert, tiny_gpt2, tokens
+from spectral_kernels.tuning import SpectralConfig, adapt, spectral_layers
+from tests.tuning.models import MLP, tiny_bert, tiny_gpt2, tokens
 
 
 def _grads(model):

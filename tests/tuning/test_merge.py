@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from spectral_kernels.adapt import SpectralConfig, adapt, merge_adapter, spectral_layers, unload, unmerge
+from spectral_kernels.tuning import SpectralConfig, adapt, merge_adapter, spectral_layers, unload, unmerge
 from spectral_kernels.nn import SpectralLinear
-from tests.adapt.models import tiny_bert, tiny_gpt2, tokens
+from tests.tuning.models import tiny_bert, tiny_gpt2, tokens
 
 
 def _perturb(model):

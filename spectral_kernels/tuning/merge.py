@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from spectral_kernels.adapt.inject import SOURCE_ATTR, _set_submodule, conv1d_type, spectral_layers, unwrap
+from spectral_kernels.tuning.inject import SOURCE_ATTR, _set_submodule, conv1d_type, spectral_layers, unwrap
 from spectral_kernels.nn.spectral_linear import SpectralLinear
 
 #: attribute of a merged model: {name: the SpectralLinear that merge_adapter replaced}

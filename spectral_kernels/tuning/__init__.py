@@ -1,0 +1,53 @@
+"""The adaptation layer: spectral fine-tuning of any model in a few lines, in peft's shape.
+
+    model = sk.adapt(model, sk.SpectralConfig(target_modules=["query", "value"], rank=16, mode="scale"))
+    ...train (only the spectral coefficients require grad)...
+    sk.save_pretrained(model, "run/adapter");  model = sk.from_pretrained(base_model, "run/adapter")
+
+Modules, bottom to top: ``config`` (SpectralConfig), ``fingerprints`` (base-weight fingerprints),
+``inject`` (adapt), ``adapter_io`` (single-file adapters), ``merge``, ``folder`` (adapter folders,
+transformers' save_pretrained and Trainer).
+"""
+from spectral_kernels.tuning.adapter_io import (
+    AdapterInfo,
+    AdapterMismatchError,
+    adapter_state_dict,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
+from spectral_kernels.tuning.config import SpectralConfig
+from spectral_kernels.tuning.fingerprints import fingerprint
+from spectral_kernels.tuning.folder import from_pretrained, read_folder, save_pretrained
+from spectral_kernels.tuning.inject import (
+    AdaptReport,
+    adapt,
+    count_parameters,
+    find_targets,
+    print_trainable_parameters,
+    spectral_layers,
+)
+from spectral_kernels.tuning.merge import merge_adapter, unload, unmerge
+
+__all__ = [
+    "AdaptReport",
+    "AdapterInfo",
+    "AdapterMismatchError",
+    "SpectralConfig",
+    "adapt",
+    "adapter_state_dict",
+    "count_parameters",
+    "find_targets",
+    "fingerprint",
+    "from_pretrained",
+    "load_adapter",
+    "merge_adapter",
+    "print_trainable_parameters",
+    "read_adapter",
+    "read_folder",
+    "save_adapter",
+    "save_pretrained",
+    "spectral_layers",
+    "unload",
+    "unmerge",
+]
