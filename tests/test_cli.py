@@ -47,3 +47,21 @@ def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "spectral_kernels.cli", "info"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "backends on this device" in out.stdout
+
+
+def test_readme_main_command_installs_what_the_bench_compares_against():
+    """README's first command installs the extra that holds peft, so `spectral-kernels bench` on a
+    fresh machine runs its LoRA comparison; numpy is a dependency (torch warns without it)."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    first = next(line for line in (root / "README.md").read_text().splitlines() if "spectral-kernels bench" in line)
+    extras = re.search(r'pip install -e "\.\[([a-z,]+)\]"', first)
+    assert extras, f"README's main command installs no extra: {first}"
+    meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    deps = [d for name in extras.group(1).split(",") for d in meta["optional-dependencies"][name]]
+    assert any(d.startswith("peft") for d in deps)
+    assert any(d.split(";")[0].strip().startswith("numpy") for d in meta["dependencies"])
