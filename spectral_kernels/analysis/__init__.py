@@ -7,7 +7,7 @@ moved from a base model to one or more fine-tuned ones.
 
 The plots (:mod:`spectral_kernels.analysis.report`) need matplotlib: ``pip install spectral-kernels[analysis]``.
 """
-from spectral_kernels.analysis.compare import (
+from spectral_kernels.analysis.comparison import (
     LayerReport,
     SharedBasisReport,
     compare,

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from spectral_kernels.analysis.compare import LayerReport, SharedBasisReport, layer_type
+from spectral_kernels.analysis.comparison import LayerReport, SharedBasisReport, layer_type
 
 __all__ = ["MATPLOTLIB_HINT", "require_matplotlib", "summarize", "shared_summary", "to_json", "plot_all",
            "plot_shared"]
