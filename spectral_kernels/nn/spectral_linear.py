@@ -198,14 +198,19 @@ class SpectralLinear(nn.Module):
     def spectrum(self, adapter: str | None = None) -> Tensor:
         """φ(s, c): the layer's current top-k singular values (as a differentiable function of c),
         for ``adapter`` (None: the active one)."""
-        c = self.coefficients(adapter)
-        return self.s * c if self.mode == "scale" else self.s + c
+        return self._spectrum_of(self.coefficients(adapter))
 
     def coefficient_delta(self, adapter: str | None = None) -> Tensor:
         """d fed to the op: φ(s, c) − s in delta form (written to be exactly 0 at c₀), φ in pure."""
+        return self._delta_of(self.coefficients(adapter))
+
+    def _spectrum_of(self, c: Tensor) -> Tensor:
+        return self.s * c if self.mode == "scale" else self.s + c
+
+    def _delta_of(self, c: Tensor) -> Tensor:
+        """coefficient_delta for coefficients c [k], or for a stack of them [n, k] (a bank)."""
         if self.form == "pure":
-            return self.spectrum(adapter)
-        c = self.coefficients(adapter)
+            return self._spectrum_of(c)
         return self.s * (c - 1.0) if self.mode == "scale" else c
 
     def forward(self, x: Tensor) -> Tensor:
@@ -273,7 +278,7 @@ class _BatchAdapters:
             raise ValueError(
                 f"adapter_batch was given {len(self.names)} adapter names (one per sample), but a layer got "
                 f"an input of shape {tuple(x.shape)} whose first dim is not the batch of {len(self.names)}")
-        bank = torch.stack([layer.coefficient_delta(n) for n in self.distinct]).to(x.dtype)
+        bank = layer._delta_of(torch.stack([layer.coefficients(n) for n in self.distinct])).to(x.dtype)
         index = self._on_device.get(x.device)
         if index is None:
             index = self._on_device[x.device] = self._index.to(x.device)
