@@ -168,6 +168,8 @@ def resolve_backend(
     shape: tuple[int, int, int, int] | None = None,
     phase: str = "forward",
     has_weight: bool = True,
+    *,
+    bank: bool = False,
 ) -> str:
     """Turn a request (possibly "auto") into a concrete backend that can run on ``device``.
 
@@ -176,7 +178,9 @@ def resolve_backend(
     ``spectral_kernels/plans.py``: on CUDA, the forward of the shapes the compiled decode plan
     serves better goes to "cuda" when ``spectral_kernels._C`` is built for this device; the calls
     where a Triton plan measured faster to "triton"; the rest to "torch", whose products run on
-    cuBLAS.
+    cuBLAS. ``bank`` (d is an adapter bank [n, k] with a per-token index): "auto" picks torch,
+    the only bank backend measured so far (triton's fold plan, the one "auto" takes on CUDA, cannot
+    apply a per-token d, and the cuda backend has no bank plans).
 
     Raises:
         BackendUnavailableError: an explicitly requested backend cannot run here; the message
@@ -186,6 +190,8 @@ def resolve_backend(
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     name = requested_backend(backend)
     if name == "auto":
+        if bank:
+            return "torch"
         kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
         if device.type == "cuda" and kernel_dtype:
             if phase == "forward" and shape is not None and _auto_prefers_cuda(device, dtype, shape):

@@ -44,8 +44,11 @@ def prefers_cuda(tokens: int, in_features: int, out_features: int, k: int) -> bo
     return 1 <= tokens <= DECODE_AUTO_MAX_TOKENS
 
 
-def triton_plan(tokens: int, k: int, has_weight: bool) -> str:
-    """The triton backend's plan for a call: "fold", "fused" or "two_gemm"."""
+def triton_plan(tokens: int, k: int, has_weight: bool, bank: bool = False) -> str:
+    """The triton backend's plan for a call: "fold", "fused" or "two_gemm". Adapter banks (a
+    per-token d) always take "fused": the only plan whose kernel gathers each row's coefficients."""
+    if bank:
+        return "fused"
     if has_weight and tokens >= FOLD_MIN_TOKENS:
         return "fold"
     return "fused" if k <= FUSED_MAX_RANK else "two_gemm"

@@ -96,13 +96,19 @@ class SpecLoRALinear(SpectralLinear):
             layer.bias.copy_(bias)
         return layer
 
-    # --- math ----------------------------------------------------------------------------------
-    def spectrum(self) -> Tensor:
-        return self.s * self.coeffs
+    # --- named adapters: not for SpecLoRA (its LoRA pair would have to be banked too) ------------
+    def add_adapter(self, name: str) -> None:
+        raise NotImplementedError(
+            "adapter banks are not implemented for mode 'speclora' (each task would need its own LoRA pair "
+            "A, B, not only coefficients); use mode 'scale' or 'shift'")
 
-    def coefficient_delta(self) -> Tensor:
+    # --- math ----------------------------------------------------------------------------------
+    def spectrum(self, adapter: str | None = None) -> Tensor:
+        return self.s * self.coefficients(adapter)
+
+    def coefficient_delta(self, adapter: str | None = None) -> Tensor:
         """The spectral part of d: s ⊙ (c − 1) [k] (the LoRA part is appended in :meth:`chain`)."""
-        return self.s * (self.coeffs - 1.0)
+        return self.s * (self.coefficients(adapter) - 1.0)
 
     @property
     def scaling(self) -> float:
@@ -120,9 +126,10 @@ class SpecLoRALinear(SpectralLinear):
         return spectral_linear(x, U, d.to(x.dtype), V, self.bias, self.weight, backend=self.backend)
 
     @torch.no_grad()
-    def merged_weight(self) -> Tensor:
+    def merged_weight(self, adapter: str | None = None) -> Tensor:
         """W + U·diag(s⊙(c − 1))·Vᵀ + (α/r)·B·A ``[out, in]``, accumulated in float32 (float64 for
         float64 layers), returned in the layer's dtype."""
+        self.coefficients(adapter)  # only "default" exists
         acc = torch.promote_types(self.U.dtype, torch.float32)
         U, d, V = (t.to(acc) for t in self.chain())
         return (self.weight.to(acc) + (U * d) @ V.t()).to(self.U.dtype)

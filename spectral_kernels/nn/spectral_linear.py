@@ -12,6 +12,14 @@ with φ the mode's coefficient map:
     "shift":  φ = s + c,   c₀ = 0     (spectral shift)
 
 so that φ(s, c₀) = s and the delta d = φ − s is exactly zero at initialisation.
+
+Adapter banks: every task adapted on one base shares U, s, V (and W); tasks differ only in c. A
+layer keeps named coefficient sets: "default" is the ``coeffs`` parameter (so single-adapter
+state_dicts and adapter files keep their ``...coeffs`` keys), the others live in the
+``coeff_bank`` ParameterDict, one Parameter [k] each (an adapter no sample used gets no
+gradient, so no optimizer step moves it). One set is active (runs and trains); inside
+``spectral_kernels.adapter_batch`` each sample of a batch runs with its own set, through the op's
+bank path (d [n, k] and a per-sample adapter_index).
 """
 from __future__ import annotations
 
@@ -24,6 +32,9 @@ from spectral_kernels.ops.truncated_svd import truncated_svd
 
 MODES = ("scale", "shift")
 FORMS = ("delta", "pure")
+
+#: Name of the coefficient set every layer starts with (stored as ``coeffs``).
+DEFAULT_ADAPTER = "default"
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -52,7 +63,9 @@ class SpectralLinear(nn.Module):
         U: buffer ``[out, k]``, frozen left singular vectors.
         s: buffer ``[k]``, the top-k singular values of the source weight.
         V: buffer ``[in, k]``, frozen right singular vectors.
-        coeffs: parameter ``[k]``, the trainable coefficients c.
+        coeffs: parameter ``[k]``, the trainable coefficients c of the "default" adapter.
+        coeff_bank: ParameterDict of the other named adapters' coefficients, ``[k]`` each.
+        active_adapter: name of the coefficient set that runs and trains ("default" at first).
         weight: frozen parameter ``[out, in]`` in delta form, None in pure form.
         bias: parameter ``[out]`` or None; trainable only with ``train_bias=True``.
     """
@@ -88,6 +101,9 @@ class SpectralLinear(nn.Module):
         self.register_buffer("V", torch.zeros(in_features, rank, **factory))
         init = 1.0 if mode == "scale" else 0.0
         self.coeffs = nn.Parameter(torch.full((rank,), init, **factory))
+        self.coeff_bank = nn.ParameterDict()
+        self.active_adapter = DEFAULT_ADAPTER
+        self._batch: _BatchAdapters | None = None
         if form == "delta":
             self.weight = nn.Parameter(torch.zeros(out_features, in_features, **factory), requires_grad=False)
         else:
@@ -139,36 +155,88 @@ class SpectralLinear(nn.Module):
             layer.bias.copy_(linear.bias)
         return layer
 
-    # --- math ----------------------------------------------------------------------------------
-    def spectrum(self) -> Tensor:
-        """φ(s, c): the layer's current top-k singular values (as a differentiable function of c)."""
-        return self.s * self.coeffs if self.mode == "scale" else self.s + self.coeffs
+    # --- named adapters ------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        """Names of the coefficient sets: "default" first, then the added ones in order."""
+        return [DEFAULT_ADAPTER, *self.coeff_bank.keys()]
 
-    def coefficient_delta(self) -> Tensor:
+    def coefficients(self, adapter: str | None = None) -> nn.Parameter:
+        """The coefficient parameter c [k] of ``adapter`` (None: the active one)."""
+        name = self.active_adapter if adapter is None else adapter
+        if name == DEFAULT_ADAPTER:
+            return self.coeffs
+        if not isinstance(name, str) or name not in self.coeff_bank:
+            raise KeyError(f"no adapter {name!r} in this layer; adapters: {self.adapter_names()}")
+        return self.coeff_bank[name]
+
+    def add_adapter(self, name: str) -> None:
+        """Add a coefficient set at the mode's identity c₀ (the layer computes its base there);
+        frozen until :meth:`set_adapter` or an adapter batch trains it."""
+        _check_adapter_name(name)
+        if name in self.adapter_names():
+            raise ValueError(f"adapter {name!r} already exists; adapters: {self.adapter_names()}")
+        init = 1.0 if self.mode == "scale" else 0.0
+        self.coeff_bank[name] = nn.Parameter(torch.full_like(self.coeffs.detach(), init), requires_grad=False)
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the coefficient set that runs and trains: only its coefficients require grad."""
+        self.coefficients(name)  # raises for an unknown name
+        self.active_adapter = name
+        for n in self.adapter_names():
+            self.coefficients(n).requires_grad_(n == name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop a coefficient set; "default" and the active one cannot be deleted."""
+        if name == DEFAULT_ADAPTER:
+            raise ValueError('the "default" adapter cannot be deleted (it is the layer\'s coeffs parameter)')
+        self.coefficients(name)
+        if name == self.active_adapter:
+            raise ValueError(f"adapter {name!r} is active; set_adapter another one before deleting it")
+        del self.coeff_bank[name]
+
+    # --- math ----------------------------------------------------------------------------------
+    def spectrum(self, adapter: str | None = None) -> Tensor:
+        """φ(s, c): the layer's current top-k singular values (as a differentiable function of c),
+        for ``adapter`` (None: the active one)."""
+        return self._spectrum_of(self.coefficients(adapter))
+
+    def coefficient_delta(self, adapter: str | None = None) -> Tensor:
         """d fed to the op: φ(s, c) − s in delta form (written to be exactly 0 at c₀), φ in pure."""
+        return self._delta_of(self.coefficients(adapter))
+
+    def _spectrum_of(self, c: Tensor) -> Tensor:
+        return self.s * c if self.mode == "scale" else self.s + c
+
+    def _delta_of(self, c: Tensor) -> Tensor:
+        """coefficient_delta for coefficients c [k], or for a stack of them [n, k] (a bank)."""
         if self.form == "pure":
-            return self.spectrum()
-        return self.s * (self.coeffs - 1.0) if self.mode == "scale" else self.coeffs
+            return self._spectrum_of(c)
+        return self.s * (c - 1.0) if self.mode == "scale" else c
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._batch is not None:
+            bank, index = self._batch.bank_and_index(self, x)
+            return spectral_linear(x, self.U, bank, self.V, self.bias, self.weight, adapter_index=index,
+                                   backend=self.backend)
         d = self.coefficient_delta().to(x.dtype)
         return spectral_linear(x, self.U, d, self.V, self.bias, self.weight, backend=self.backend)
 
     @torch.no_grad()
-    def merged_weight(self) -> Tensor:
+    def merged_weight(self, adapter: str | None = None) -> Tensor:
         """The effective dense weight ``[out, in]``: W + U·diag(d)·Vᵀ (delta) or U·diag(φ)·Vᵀ (pure),
-        accumulated in float32 (float64 for float64 layers) and returned in the layer's dtype."""
+        accumulated in float32 (float64 for float64 layers) and returned in the layer's dtype;
+        with the coefficients of ``adapter`` (None: the active one)."""
         acc = torch.promote_types(self.U.dtype, torch.float32)
-        d = self.coefficient_delta().to(acc)
+        d = self.coefficient_delta(adapter).to(acc)
         W = (self.U.to(acc) * d) @ self.V.to(acc).t()
         if self.weight is not None:
             W += self.weight.to(acc)
         return W.to(self.U.dtype)
 
     @torch.no_grad()
-    def merge(self) -> nn.Linear:
+    def merge(self, adapter: str | None = None) -> nn.Linear:
         """An nn.Linear computing what this layer computes now (weight = :meth:`merged_weight`)."""
-        W = self.merged_weight()
+        W = self.merged_weight(adapter)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=W.device, dtype=W.dtype)
         linear.weight.copy_(W)
@@ -176,11 +244,45 @@ class SpectralLinear(nn.Module):
             linear.bias.copy_(self.bias)
         return linear
 
+    def __repr__(self) -> str:
+        if not len(self.coeff_bank):  # one adapter: the repr of a layer without banks
+            return f"{self._get_name()}({self.extra_repr()})"
+        return super().__repr__()
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"mode={self.mode}, form={self.form}, bias={self.bias is not None}, backend={self.backend}"
+            + (f", adapters={self.adapter_names()}, active={self.active_adapter!r}" if len(self.coeff_bank) else "")
         )
+
+
+def _check_adapter_name(name: object) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
+
+
+class _BatchAdapters:
+    """One adapter name per sample of a batch (the input's first dim): builds the bank [n, k] of
+    the distinct names (in first-appearance order) and the index [batch, 1, ..., 1]."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.distinct = list(dict.fromkeys(self.names))
+        row = {n: i for i, n in enumerate(self.distinct)}
+        self._index = torch.tensor([row[n] for n in self.names], dtype=torch.int64)
+        self._on_device: dict[torch.device, Tensor] = {}
+
+    def bank_and_index(self, layer: SpectralLinear, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() < 2 or x.shape[0] != len(self.names):
+            raise ValueError(
+                f"adapter_batch was given {len(self.names)} adapter names (one per sample), but a layer got "
+                f"an input of shape {tuple(x.shape)} whose first dim is not the batch of {len(self.names)}")
+        bank = layer._delta_of(torch.stack([layer.coefficients(n) for n in self.distinct])).to(x.dtype)
+        index = self._on_device.get(x.device)
+        if index is None:
+            index = self._on_device[x.device] = self._index.to(x.device)
+        return bank, index.view(-1, *([1] * (x.dim() - 2)))
 
 
 def _top_singular_triplets(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

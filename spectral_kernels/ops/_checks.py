@@ -16,19 +16,26 @@ def check_tensor(name: str, t: object, ndim: int | None = None) -> Tensor:
     return t
 
 
+#: dtypes adapter_index may have.
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 def check_spectral_linear_args(
-    x: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None
+    x: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None,
+    adapter_index: Tensor | None = None,
 ) -> tuple[int, int, int]:
     """Validate the operands of spectral_linear; return (in_features, out_features, k).
 
-    Expected: x [..., in], U [out, k], d [k], V [in, k], bias [out] or None, weight [out, in] or
-    None; one floating dtype and one device for all of them.
+    Expected: x [..., in], U [out, k], d [k] (or a bank [n, k] with ``adapter_index``), V [in, k],
+    bias [out] or None, weight [out, in] or None; one floating dtype and one device for all of
+    them. The index values are checked by :func:`check_adapter_index_values` (it synchronises).
     """
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., in], got a 0-D tensor")
     check_tensor("U", U, 2)
-    check_tensor("d", d, 1)
+    check_tensor("d", d)
+    _check_bank(x, d, adapter_index)
     check_tensor("V", V, 2)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
@@ -53,8 +60,9 @@ def check_spectral_linear_args(
         raise ValueError(
             f"U must have k = V.shape[1] = {k} columns; got U of shape {tuple(U.shape)} and V of shape {tuple(V.shape)}"
         )
-    if d.shape[0] != k:
-        raise ValueError(f"d must have shape ({k},) to match V of shape {tuple(V.shape)}; got {tuple(d.shape)}")
+    if d.shape[-1] != k:
+        want = f"({k},)" if d.dim() == 1 else f"(n, {k})"
+        raise ValueError(f"d must have shape {want} to match V of shape {tuple(V.shape)}; got {tuple(d.shape)}")
     if bias is not None and bias.shape[0] != out_features:
         raise ValueError(
             f"bias must have shape ({out_features},) = (U.shape[0],); got {tuple(bias.shape)} with U of shape {tuple(U.shape)}"
@@ -65,3 +73,49 @@ def check_spectral_linear_args(
             f"V {tuple(V.shape)}; got {tuple(weight.shape)}"
         )
     return in_features, out_features, k
+
+
+def _check_bank(x: Tensor, d: Tensor, adapter_index: Tensor | None) -> None:
+    """d [k] without an index, or a bank d [n, k] with an integer adapter_index broadcastable to
+    x.shape[:-1]."""
+    lead = tuple(x.shape[:-1])
+    if adapter_index is None:
+        if d.dim() == 2:
+            raise ValueError(
+                f"d must be 1-D [k] without adapter_index; d of shape {tuple(d.shape)} is a bank [n, k]: pass "
+                f"adapter_index=, an integer tensor broadcastable "
+                f"to x.shape[:-1] = {lead} with values in 0..{d.shape[0] - 1}")
+        if d.dim() != 1:
+            raise ValueError(f"d must be 1-D [k] (or a bank [n, k] with adapter_index), got shape {tuple(d.shape)}")
+        return
+    if d.dim() != 2:
+        raise ValueError(
+            f"adapter_index is given but d has shape {tuple(d.shape)}; adapter_index needs a bank d of "
+            "shape [n, k] (a 1-D d [k] is one adapter for every token: drop adapter_index)")
+    if d.shape[0] < 1:
+        raise ValueError(f"the bank d must have at least one row, got shape {tuple(d.shape)}")
+    if not isinstance(adapter_index, Tensor):
+        raise TypeError(f"adapter_index must be an integer torch.Tensor broadcastable to x.shape[:-1] = {lead}, "
+                        f"got {type(adapter_index).__name__}")
+    if adapter_index.dtype not in INDEX_DTYPES:
+        raise TypeError(f"adapter_index must have an integer dtype ({', '.join(map(str, INDEX_DTYPES))}), "
+                        f"got {adapter_index.dtype}")
+    if adapter_index.device != x.device:
+        raise ValueError(f"adapter_index is on {adapter_index.device} but x is on {x.device}")
+    try:
+        shape = torch.broadcast_shapes(tuple(adapter_index.shape), lead)
+    except RuntimeError:
+        shape = None
+    if shape != lead:
+        raise ValueError(f"adapter_index of shape {tuple(adapter_index.shape)} does not broadcast to "
+                         f"x.shape[:-1] = {lead}")
+
+
+def check_adapter_index_values(adapter_index: Tensor, n: int) -> None:
+    """Every index in 0..n-1 (reads the values: a device sync on CUDA)."""
+    if adapter_index.numel() == 0:
+        return
+    lo, hi = int(adapter_index.min()), int(adapter_index.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"adapter_index values must be in 0..{n - 1} (the bank d has {n} rows); "
+                         f"got values in {lo}..{hi}")

@@ -3,8 +3,9 @@
 Layers, in reading order:
 
 1. per-backend implementations, all with one signature (flattened tokens, T = prod(x.shape[:-1])):
-   ``fwd(x2d [T, in], U, d, V, bias, weight) -> (y [T, out], z [T, k])`` and
-   ``bwd(dy2d [T, out], z [T, k], U, d, V, weight) -> (dx [T, in], dd [k], g [T, k])``;
+   ``fwd(x2d [T, in], U, d, V, bias, weight, idx) -> (y [T, out], z [T, k])`` and
+   ``bwd(dy2d [T, out], z [T, k], U, d, V, weight, idx) -> (dx [T, in], dd [k], g [T, k])``;
+   ``idx`` is None, or with a bank d [n, k] the flat int64 adapter index [T] (dd is then [n, k]);
    torch in ``reference.py``, Triton in ``spectral_linear_triton.py``, CUDA in
    ``spectral_linear_cuda.py``;
 2. the custom ops ``spectral_kernels::spectral_linear`` (returns y and z = x·V) and
@@ -22,8 +23,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from spectral_kernels.backends import resolve_backend
-from spectral_kernels.ops._checks import check_spectral_linear_args
+from spectral_kernels.backends import BackendUnavailableError, resolve_backend
+from spectral_kernels.ops._checks import check_adapter_index_values, check_spectral_linear_args
 from spectral_kernels.ops.reference import (
     lowrank_coeff_grad_ref,
     spectral_linear_bwd_ref,
@@ -56,16 +57,26 @@ def _flat(t: Tensor) -> Tensor:
 
 
 # --- 2. custom ops ------------------------------------------------------------------------------
-def _forward(x, U, d, V, bias, weight, backend):
+def _flat_index(adapter_index: Optional[Tensor], lead) -> Optional[Tensor]:
+    """adapter_index broadcast to the leading dims and flattened: int64 [T] (or None)."""
+    if adapter_index is None:
+        return None
+    return adapter_index.expand(lead).reshape(-1).to(torch.int64)
+
+
+def _forward(x, U, d, V, bias, weight, adapter_index, backend):
     fwd, _ = _implementations(backend)
-    y, z = fwd(_flat(x), U, d, V, bias, weight)
+    idx = _flat_index(adapter_index, x.shape[:-1])
+    y, z = fwd(_flat(x), U, d, V, bias, weight, idx) if idx is not None else fwd(_flat(x), U, d, V, bias, weight)
     lead = x.shape[:-1]
     return y.reshape(*lead, U.shape[0]), z.reshape(*lead, V.shape[1])
 
 
-def _backward_dx(dy, z, U, d, V, weight, backend):
+def _backward_dx(dy, z, U, d, V, weight, adapter_index, backend):
     _, bwd = _implementations(backend)
-    dx, dd, g = bwd(_flat(dy), _flat(z), U, d, V, weight)
+    idx = _flat_index(adapter_index, dy.shape[:-1])
+    args = (_flat(dy), _flat(z), U, d, V, weight)
+    dx, dd, g = bwd(*args, idx) if idx is not None else bwd(*args)
     return dx.reshape(*dy.shape[:-1], V.shape[0]), dd, g
 
 
@@ -77,16 +88,18 @@ def _spectral_linear_op(
     V: Tensor,
     bias: Optional[Tensor],
     weight: Optional[Tensor],
+    adapter_index: Optional[Tensor],
     backend: str,
     backward_backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Returns (y [..., out], z = x·V [..., k]); z is what the backward saves. ``backward_backend``
-    runs the backward (autograd reads it from the inputs)."""
-    return _forward(x, U, d, V, bias, weight, backend)
+    runs the backward (autograd reads it from the inputs). ``adapter_index`` (with a bank d [n, k])
+    is an integer tensor broadcastable to x.shape[:-1]."""
+    return _forward(x, U, d, V, bias, weight, adapter_index, backend)
 
 
 @_spectral_linear_op.register_fake
-def _(x, U, d, V, bias, weight, backend, backward_backend):
+def _(x, U, d, V, bias, weight, adapter_index, backend, backward_backend):
     lead = x.shape[:-1]
     return x.new_empty(*lead, U.shape[0]), x.new_empty(*lead, V.shape[1])
 
@@ -99,51 +112,59 @@ def _spectral_linear_backward_op(
     d: Tensor,
     V: Tensor,
     weight: Optional[Tensor],
+    adapter_index: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx [..., in], dd [k], g = dy·U [T, k]) with T the flattened leading dims."""
-    return _backward_dx(dy, z, U, d, V, weight, backend)
+    """Returns (dx [..., in], dd [k] (or [n, k] for a bank), g = dy·U [T, k]) with T the flattened
+    leading dims."""
+    return _backward_dx(dy, z, U, d, V, weight, adapter_index, backend)
 
 
 @_spectral_linear_backward_op.register_fake
-def _(dy, z, U, d, V, weight, backend):
+def _(dy, z, U, d, V, weight, adapter_index, backend):
     tokens = dy.numel() // dy.shape[-1]
     return dy.new_empty(*dy.shape[:-1], V.shape[0]), d.new_empty(d.shape), dy.new_empty(tokens, V.shape[1])
 
 
 # --- 3. autograd ---------------------------------------------------------------------------------
-def _save(ctx, x, U, d, V, weight, z, backward_backend, needs_input_grad):
+def _save(ctx, x, U, d, V, weight, adapter_index, z, backward_backend, needs_input_grad):
     ctx.mark_non_differentiable(z)
     if needs_input_grad[5]:
         raise RuntimeError("spectral_linear: weight is frozen; call weight.requires_grad_(False)")
     # x itself is kept only for dV; otherwise z (T×k) is the only activation saved.
-    ctx.save_for_backward(x if needs_input_grad[3] else None, z, U, d, V, weight)
+    ctx.save_for_backward(x if needs_input_grad[3] else None, z, U, d, V, weight, adapter_index)
     ctx.backend = backward_backend
 
 
 def _setup_context(ctx, inputs, output):
-    x, U, d, V, bias, weight, backend, backward_backend = inputs
-    _save(ctx, x, U, d, V, weight, output[1], backward_backend, ctx.needs_input_grad)
+    x, U, d, V, bias, weight, adapter_index, backend, backward_backend = inputs
+    _save(ctx, x, U, d, V, weight, adapter_index, output[1], backward_backend, ctx.needs_input_grad)
 
 
 def _gradients(ctx, dy, backward_op):
     """(dx, dU, dd, dV, dbias) from the saved tensors; backward_op computes (dx, dd, g)."""
-    x, z, U, d, V, weight = ctx.saved_tensors
+    x, z, U, d, V, weight, adapter_index = ctx.saved_tensors
     needs_x, needs_U, needs_d, needs_V, needs_bias = ctx.needs_input_grad[:5]
     dx = dd = g = None
+    idx = _flat_index(adapter_index, dy.shape[:-1])
     if needs_x:
-        dx, dd, g = backward_op(dy, z, U, d, V, weight, ctx.backend)
+        dx, dd, g = backward_op(dy, z, U, d, V, weight, adapter_index, ctx.backend)
     elif needs_d or needs_V:
         g = _flat(dy) @ U
-        dd = lowrank_coeff_grad_ref(_flat(z), g).to(d.dtype) if needs_d else None
+        if needs_d:
+            dd = lowrank_coeff_grad_ref(_flat(z), g, idx, d.shape[0] if idx is not None else None).to(d.dtype)
     db = _flat(dy).sum(0) if needs_bias else None
-    dU = _flat(dy).t() @ (_flat(z) * d) if needs_U else None
-    dV = _flat(x).t() @ (g * d) if needs_V else None
+    if needs_U or needs_V:
+        dt = d[idx] if idx is not None else d  # per-token rows of a bank: [T, k] (torch glue only)
+        dU = _flat(dy).t() @ (_flat(z) * dt) if needs_U else None
+        dV = _flat(x).t() @ (g * dt) if needs_V else None
+    else:
+        dU = dV = None
     return dx, dU, dd if needs_d else None, dV, db
 
 
 def _backward(ctx, dy, _dz):
-    return (*_gradients(ctx, dy, _spectral_linear_backward_op), None, None, None)
+    return (*_gradients(ctx, dy, _spectral_linear_backward_op), None, None, None, None)
 
 
 _spectral_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,14 +175,14 @@ class _SpectralLinearFunction(torch.autograd.Function):
     implementations, same saved tensors, same gradients (tests compare both paths)."""
 
     @staticmethod
-    def forward(ctx, x, U, d, V, bias, weight, backend, backward_backend):
-        y, z = _forward(x, U, d, V, bias, weight, backend)
-        _save(ctx, x, U, d, V, weight, z, backward_backend, ctx.needs_input_grad)
+    def forward(ctx, x, U, d, V, bias, weight, adapter_index, backend, backward_backend):
+        y, z = _forward(x, U, d, V, bias, weight, adapter_index, backend)
+        _save(ctx, x, U, d, V, weight, adapter_index, z, backward_backend, ctx.needs_input_grad)
         return y, z
 
     @staticmethod
     def backward(ctx, dy, _dz):
-        return (*_gradients(ctx, dy, _backward_dx), None, None, None)
+        return (*_gradients(ctx, dy, _backward_dx), None, None, None, None)
 
 
 # --- 4. public function ---------------------------------------------------------------------------
@@ -173,6 +194,7 @@ def spectral_linear(
     bias: Tensor | None = None,
     weight: Tensor | None = None,
     *,
+    adapter_index: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     r"""Spectral linear layer: ``y = x·weightᵀ + ((x·V) ⊙ d)·Uᵀ + bias``.
@@ -180,10 +202,15 @@ def spectral_linear(
     Args:
         x: input ``[..., in]``; any number of leading dims, any strides.
         U: left factor ``[out, k]`` (frozen unless it requires grad).
-        d: spectral coefficients ``[k]``; in delta form the change of the top-k spectrum.
+        d: spectral coefficients ``[k]``; in delta form the change of the top-k spectrum. Or a
+            bank ``[n, k]`` of n adapters' coefficients, with ``adapter_index``.
         V: right factor ``[in, k]`` (frozen unless it requires grad).
         bias: ``[out]`` or None.
         weight: frozen dense weight ``[out, in]`` (delta form) or None (pure form).
+        adapter_index: with a bank d ``[n, k]``: an integer tensor broadcastable to
+            ``x.shape[:-1]`` (e.g. ``[batch, 1]`` for ``[batch, seq, in]``) picking each token's
+            row, so that token t computes with d[adapter_index_t]. Values are checked to lie in
+            0..n-1 in eager mode (one device sync), not under torch.compile.
         backend: "auto" | "torch" | "triton" | "cuda"; "auto" defers to
             :func:`spectral_kernels.use_backend`, then ``SPECTRAL_KERNELS_BACKEND``, then picks
             per direction from the measured rules of ``plans.py`` (on CUDA: triton's fold
@@ -204,6 +231,12 @@ def spectral_linear(
 
     With U and V frozen the only activation saved is z (T×k values), and no dense dW is formed;
     weight must not require grad.
+
+    With a bank, every d above reads the token's row d[idx_t], and the bank's gradient is the
+    scatter-add ``dd[i] = Σ_{t: idx_t = i} z_t ⊙ g_t`` ([n, k]; rows no token picked are exactly
+    zero). Banks run on torch (gather + index_add_) and triton (row gathers in the kernels, a
+    deterministic per-adapter reduction); "auto" sends them to torch, and the cuda backend refuses
+    them. A bank of one row is the plain path with d[0], bit for bit.
     """
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
     if torch.is_autocast_enabled(device_type):
@@ -212,17 +245,30 @@ def spectral_linear(
         dtype = torch.get_autocast_dtype(device_type)
         x, U, d, V, bias, weight = (_autocast(t, dtype) for t in (x, U, d, V, bias, weight))
         with torch.autocast(device_type, enabled=False):
-            return spectral_linear(x, U, d, V, bias, weight, backend=backend)
-    in_features, out_features, k = check_spectral_linear_args(x, U, d, V, bias, weight)
+            return spectral_linear(x, U, d, V, bias, weight, adapter_index=adapter_index, backend=backend)
+    in_features, out_features, k = check_spectral_linear_args(x, U, d, V, bias, weight, adapter_index)
+    compiling = torch.compiler.is_compiling()
+    if adapter_index is not None:
+        if not compiling:
+            check_adapter_index_values(adapter_index, d.shape[0])
+        if d.shape[0] == 1:  # every valid index is 0: the plain path with the one row
+            d, adapter_index = d[0], None
     tokens = x.numel() // in_features if in_features else 0
     shape = (tokens, in_features, out_features, k)
     delta = weight is not None
-    forward_backend = resolve_backend(backend, x.device, x.dtype, shape, "forward", delta)
-    backward_backend = resolve_backend(backend, x.device, x.dtype, shape, "backward", delta)
-    if torch.compiler.is_compiling():
-        y, _ = _spectral_linear_op(x, U, d, V, bias, weight, forward_backend, backward_backend)
+    bank = adapter_index is not None
+    extra = {"bank": True} if bank else {}
+    forward_backend = resolve_backend(backend, x.device, x.dtype, shape, "forward", delta, **extra)
+    backward_backend = resolve_backend(backend, x.device, x.dtype, shape, "backward", delta, **extra)
+    if bank and "cuda" in (forward_backend, backward_backend):
+        raise BackendUnavailableError(
+            "backend 'cuda' does not take adapter_index (adapter banks): its decode and GEMM plans apply "
+            "one d [k] to every token; use backend='triton' or 'torch' (or 'auto') for a bank d [n, k]")
+    args = (x, U, d, V, bias, weight, adapter_index, forward_backend, backward_backend)
+    if compiling:
+        y, _ = _spectral_linear_op(*args)
     else:
-        y, _ = _SpectralLinearFunction.apply(x, U, d, V, bias, weight, forward_backend, backward_backend)
+        y, _ = _SpectralLinearFunction.apply(*args)
     return y
 
 

@@ -322,8 +322,17 @@ def prefers_cuda(tokens: int, in_features: int, out_features: int, k: int, dtype
     return dtype in DTYPE_CODES and decode_wins(tokens, in_features, out_features, k)
 
 
+def _refuse_bank(idx: Tensor | None) -> None:
+    if idx is not None:
+        from spectral_kernels.backends import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            "backend 'cuda' does not take adapter_index (adapter banks d [n, k]); use 'triton' or 'torch'")
+
+
 def spectral_linear_fwd_cuda(
-    x2d: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None
+    x2d: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None,
+    idx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Forward on flattened tokens: y = x·weightᵀ + ((x·V) ⊙ d)·Uᵀ + bias, z = x·V.
 
@@ -335,6 +344,7 @@ def spectral_linear_fwd_cuda(
         (y ``[T, out]``, z ``[T, k]``) in x's dtype. T <= 16 runs the decode plan (one launch);
         larger T computes z, then y with the dense and low-rank products in one accumulator.
     """
+    _refuse_bank(idx)
     _check_operands("spectral_linear_fwd_cuda",
                     {"x": x2d, "U": U, "d": d, "V": V, "bias": bias, "weight": weight})
     tokens, n_in = x2d.shape
@@ -350,13 +360,15 @@ def spectral_linear_fwd_cuda(
 
 
 def spectral_linear_bwd_cuda(
-    dy2d: Tensor, z: Tensor, U: Tensor, d: Tensor, V: Tensor, weight: Tensor | None
+    dy2d: Tensor, z: Tensor, U: Tensor, d: Tensor, V: Tensor, weight: Tensor | None,
+    idx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward on flattened tokens: g = dy·U, dx = dy·weight + (g ⊙ d)·Vᵀ, dd = Σ_T z ⊙ g.
 
     Returns:
         (dx ``[T, in]``, dd ``[k]`` in d's dtype, accumulated in fp32, g ``[T, k]``).
     """
+    _refuse_bank(idx)
     _check_operands("spectral_linear_bwd_cuda",
                     {"dy": dy2d, "z": z, "U": U, "d": d, "V": V, "weight": weight})
     tokens, n_out = dy2d.shape

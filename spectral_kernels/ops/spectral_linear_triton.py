@@ -23,6 +23,17 @@ Why z is a separate, first kernel rather than computed inside the output tile: e
 tile of a row block would recompute the same z, costing k / BLOCK_N extra FLOPs of the dense
 GEMM (12% at k=16, 50% at k=64 with BLOCK_N=128), while the separate thin GEMM costs ≈ 2k / out.
 
+Adapter banks (d [n, k] with a per-token index idx [T]; DESIGN of the bank path):
+* forward and dx: the fused plan, whose dense kernel gathers each row's coefficients d[idx[m], r]
+  where it applies d (no [T, k] tensor of coefficients is formed); "fold" and "two_gemm" are never
+  taken for banks (plans.triton_plan);
+* dd [n, k]: deterministic. The host sorts the tokens by adapter (stable argsort) and lays each
+  adapter's tokens out in whole row blocks (padding rows -1); the projection kernel that computes
+  g = dy·U walks those blocks, gathering rows of dy and z and scattering rows of g back to token
+  order, and its REDUCE_AUX epilogue writes one partial Σ z ⊙ g per block, which belongs to one
+  adapter. ``_segment_sum_kernel`` then adds each adapter's consecutive block partials in a fixed
+  order (zero for an adapter no token picked). No atomics; one host sync (the block count).
+
 Accumulation is fp32. fp32 operands use IEEE fp32 products (input_precision="ieee") unless
 torch.backends.cuda.matmul.allow_tf32 is set, so results match PyTorch's default float32 matmul.
 """
@@ -78,7 +89,7 @@ def _accumulate_product(
 @triton.jit
 def _lowrank_project_kernel(
     # pointers
-    a_ptr, b_ptr, out_ptr, d_ptr, scaled_ptr, aux_ptr, partial_ptr,
+    a_ptr, b_ptr, out_ptr, d_ptr, scaled_ptr, aux_ptr, partial_ptr, rows_ptr,
     # sizes
     M, K, R,
     # strides
@@ -87,15 +98,22 @@ def _lowrank_project_kernel(
     # meta-parameters
     STORE_SCALED: tl.constexpr,   # also write scaled = out ⊙ d (two-GEMM plan, forward)
     REDUCE_AUX: tl.constexpr,     # also write partial[pid_m, r] = Σ_m out ⊙ aux (dd, backward)
+    HAS_ROWS: tl.constexpr,       # block rows are rows[pid_m * BLOCK_M + i] (-1: none), for banks
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[M, R] = a[M, K]·b[K, R] with optional epilogues; grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
+    """out[M, R] = a[M, K]·b[K, R] with optional epilogues; grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)),
+    or (number of row blocks of ``rows``, ...) with HAS_ROWS."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + offs_m)
+        mask_m = rows >= 0
+        offs_m = tl.where(mask_m, rows, 0)
+    else:
+        mask_m = offs_m < M
     mask_r = offs_r < R
 
     if INPUT_PRECISION == "ieee":
@@ -137,15 +155,16 @@ def _lowrank_project_kernel(
 @triton.jit
 def _dense_lowrank_kernel(
     # pointers
-    a_ptr, w_ptr, z_ptr, d_ptr, u_ptr, bias_ptr, out_ptr,
+    a_ptr, w_ptr, z_ptr, d_ptr, u_ptr, bias_ptr, out_ptr, idx_ptr,
     # sizes
     M, N, K, R,
     # strides
     stride_am, stride_ak, stride_wn, stride_wk, stride_zm, stride_zr,
-    stride_un, stride_ur, stride_om, stride_on,
+    stride_un, stride_ur, stride_om, stride_on, stride_dn,
     # meta-parameters
     HAS_DENSE: tl.constexpr,      # weight present (delta form)
     APPLY_D: tl.constexpr,        # scale z by d on load (fused plan); else z is already z ⊙ d
+    HAS_INDEX: tl.constexpr,      # d is a bank [n, R] (row stride stride_dn); row m reads d[idx[m]]
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -174,15 +193,23 @@ def _dense_lowrank_kernel(
 
     # Low-rank term into the same accumulator, k in BLOCK_R chunks (one chunk for k ≤ 64).
     offs_rb = tl.arange(0, BLOCK_R)
+    if HAS_INDEX:
+        adapter = tl.load(idx_ptr + offs_m, mask=mask_m, other=0)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + offs_rb
         mask_r = rr < R
         z = tl.load(z_ptr + offs_m[:, None] * stride_zm + rr[None, :] * stride_zr,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         if APPLY_D:
-            d = tl.load(d_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)
-            # Round z ⊙ d to the operand dtype, as the eager chain does, then use tensor cores.
-            z = (z.to(tl.float32) * d[None, :]).to(z_ptr.dtype.element_ty)
+            if HAS_INDEX:
+                # each row's own coefficients, gathered from the bank: d[idx[m], r]
+                d = tl.load(d_ptr + adapter[:, None] * stride_dn + rr[None, :],
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                z = (z.to(tl.float32) * d).to(z_ptr.dtype.element_ty)
+            else:
+                d = tl.load(d_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)
+                # Round z ⊙ d to the operand dtype, as the eager chain does, then use tensor cores.
+                z = (z.to(tl.float32) * d[None, :]).to(z_ptr.dtype.element_ty)
         u = tl.load(u_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(z, u, acc, input_precision=INPUT_PRECISION)
@@ -230,6 +257,23 @@ def _fold_kernel(
         acc += tl.dot(ud, vt, input_precision="ieee" if u_ptr.dtype.element_ty == tl.float32 else "tf32")
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _segment_sum_kernel(partial_ptr, starts_ptr, out_ptr, R, BLOCK_R: tl.constexpr):
+    """out[a, :] = Σ_{b in starts[a]..starts[a+1]-1} partial[b, :], in order (deterministic);
+    grid (n,). An adapter with no block gets an exact zero row."""
+    a = tl.program_id(0).to(tl.int64)
+    start = tl.load(starts_ptr + a)
+    end = tl.load(starts_ptr + a + 1)
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + offs_r
+        mask_r = rr < R
+        acc = tl.zeros((BLOCK_R,), dtype=out_ptr.dtype.element_ty)
+        for b in range(start, end):
+            acc += tl.load(partial_ptr + b * R + rr, mask=mask_r, other=0.0)
+        tl.store(out_ptr + a * R + rr, acc, mask=mask_r)
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -292,35 +336,76 @@ def _check_triton_operands(*tensors: Tensor | None) -> None:
 
 # --- launchers -----------------------------------------------------------------------------------
 def lowrank_project(
-    a: Tensor, b: Tensor, *, d: Tensor | None = None, aux: Tensor | None = None
+    a: Tensor, b: Tensor, *, d: Tensor | None = None, aux: Tensor | None = None,
+    idx: Tensor | None = None, n: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """out = a·b for a [M, K], b [K, R]; returns (out [M, R], out ⊙ d or None, dd or None).
 
     With ``d``: also returns out ⊙ d (rounded from the stored out). With ``aux`` [M, R]:
-    also returns Σ_M out ⊙ aux in float32, reduced deterministically over row blocks.
+    also returns Σ_M out ⊙ aux in float32, reduced deterministically over row blocks; with
+    ``aux``, ``idx`` [M] (int64, values in 0..n-1) and ``n``: the per-adapter sums [n, R] instead
+    (module docstring: tokens sorted by adapter into whole row blocks, then a segment sum).
     """
     M, K = a.shape
     R = b.shape[1]
     out = torch.empty((M, R), device=a.device, dtype=a.dtype)
     scaled = torch.empty_like(out) if d is not None else None
     block_m, block_r, block_k, num_warps = _project_blocks(R, a.dtype)
-    grid_m = triton.cdiv(M, block_m)
+    rows = starts = None
+    if idx is not None:
+        if aux is None or d is not None or n is None:
+            raise ValueError("lowrank_project: idx is for the per-adapter reduction (aux and n given, no d)")
+        rows, starts = _adapter_blocks(idx, n, block_m)
+        grid_m = rows.numel() // block_m
+    else:
+        grid_m = triton.cdiv(M, block_m)
     partial_dtype = torch.float64 if a.dtype == torch.float32 else torch.float32
     partial = torch.empty((grid_m, R), device=a.device, dtype=partial_dtype) if aux is not None else None
     scaled_arg = scaled if scaled is not None else out
     aux_arg = aux if aux is not None else out
-    _lowrank_project_kernel[(grid_m, triton.cdiv(R, block_r))](
-        a, b, out, d if d is not None else out, scaled_arg, aux_arg,
-        partial if partial is not None else out,
-        M, K, R,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        scaled_arg.stride(0), scaled_arg.stride(1), aux_arg.stride(0), aux_arg.stride(1),
-        STORE_SCALED=d is not None, REDUCE_AUX=aux is not None,
-        INPUT_PRECISION=_input_precision(a.dtype),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
-    )
-    reduced = partial.sum(0) if partial is not None else None
+    if grid_m > 0:
+        _lowrank_project_kernel[(grid_m, triton.cdiv(R, block_r))](
+            a, b, out, d if d is not None else out, scaled_arg, aux_arg,
+            partial if partial is not None else out, rows if rows is not None else out,
+            M, K, R,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            scaled_arg.stride(0), scaled_arg.stride(1), aux_arg.stride(0), aux_arg.stride(1),
+            STORE_SCALED=d is not None, REDUCE_AUX=aux is not None, HAS_ROWS=rows is not None,
+            INPUT_PRECISION=_input_precision(a.dtype),
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+        )
+    if partial is None:
+        return out, scaled, None
+    if idx is None:
+        return out, scaled, partial.sum(0)
+    reduced = torch.empty((n, R), device=a.device, dtype=partial_dtype)
+    _segment_sum_kernel[(n,)](partial, starts, reduced, R, BLOCK_R=block_r,
+                              num_warps=1 if triton_interpret_enabled() else 2)
     return out, scaled, reduced
+
+
+def _adapter_blocks(idx: Tensor, n: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """(rows, starts) laying each adapter's tokens out in whole row blocks, in adapter order.
+
+    rows [num_blocks * block_m] (int64): the token of each block row, -1 for padding; adapter a
+    owns blocks starts[a]..starts[a+1]-1 (starts [n + 1], int64). Tokens keep their order within
+    an adapter (stable sort), so the layout, and every sum over it, is deterministic. Reads the
+    block count back to the host (one sync).
+    """
+    idx = idx.to(torch.int64)
+    counts = torch.bincount(idx, minlength=n)
+    blocks = (counts + block_m - 1) // block_m
+    starts = torch.zeros(n + 1, dtype=torch.int64, device=idx.device)
+    torch.cumsum(blocks, 0, out=starts[1:])
+    num_blocks = int(starts[-1])
+    rows = torch.full((num_blocks * block_m,), -1, dtype=torch.int64, device=idx.device)
+    if idx.numel():
+        order = torch.argsort(idx, stable=True)
+        first_token = torch.cumsum(counts, 0) - counts
+        adapter = idx[order]
+        slot = starts[adapter] * block_m + (torch.arange(idx.numel(), device=idx.device) - first_token[adapter])
+        rows[slot] = order
+    return rows, starts
 
 
 def dense_plus_lowrank(
@@ -334,10 +419,16 @@ def dense_plus_lowrank(
     w_transposed: bool = False,
     blocks: _Blocks | None = None,
     group_m: int = 8,
+    idx: Tensor | None = None,
 ) -> Tensor:
     """out = a·wᵀ + (z ⊙ d)·uᵀ + bias for a [M, K], w [N, K] (or [K, N] when ``w_transposed``),
     z [M, R], d [R] (None: z is already scaled), u [N, R], bias [N]; returns out [M, N].
-    ``blocks`` overrides the tile configuration (tuning and tests)."""
+    With ``idx`` [M] (int64), d is a bank [n, R] and row m is scaled by d[idx[m]] (gathered in
+    the kernel). ``blocks`` overrides the tile configuration (tuning and tests)."""
+    if idx is not None:
+        if d is None:
+            raise ValueError("dense_plus_lowrank: idx needs the bank d [n, R]")
+        d = d.contiguous()
     M = a.shape[0]
     N, R = u.shape
     K = a.shape[1]
@@ -355,11 +446,11 @@ def dense_plus_lowrank(
     grid = (triton.cdiv(M, blocks.block_m) * triton.cdiv(N, blocks.block_n),)
     _dense_lowrank_kernel[grid](
         a, w if w is not None else a, z, d if d is not None else z, u,
-        bias if bias is not None else out, out,
+        bias if bias is not None else out, out, idx if idx is not None else out,
         M, N, K, R,
         a.stride(0), a.stride(1), stride_wn, stride_wk, z.stride(0), z.stride(1),
-        u.stride(0), u.stride(1), out.stride(0), out.stride(1),
-        HAS_DENSE=w is not None, APPLY_D=d is not None, HAS_BIAS=bias is not None,
+        u.stride(0), u.stride(1), out.stride(0), out.stride(1), d.stride(0) if idx is not None else 0,
+        HAS_DENSE=w is not None, APPLY_D=d is not None, HAS_INDEX=idx is not None, HAS_BIAS=bias is not None,
         INPUT_PRECISION=_input_precision(a.dtype),
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, BLOCK_R=block_r,
         GROUP_M=group_m, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
@@ -388,16 +479,21 @@ def fold_weight(w: Tensor, u: Tensor, d: Tensor, v: Tensor) -> Tensor:
 
 def spectral_linear_fwd_triton(
     x2d: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None,
-    *, plan: str | None = None,
+    idx: Tensor | None = None, *, plan: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Forward on flattened tokens x2d [T, in]: (y [T, out], z = x·V [T, k]).
 
     ``plan`` (default: ``plans.triton_plan`` by shape) is one of
     "fused" (z, then one kernel for x·Wᵀ + (z ⊙ d)·Uᵀ + bias), "two_gemm" (z ⊙ d from the first
     kernel's epilogue) or "fold" (W' = W + (U ⊙ d)·Vᵀ by the fold kernel, then one cuBLAS GEMM).
+    With a bank d [n, k] and ``idx`` [T]: the fused plan only, d[idx[m]] gathered per row.
     """
     _check_triton_operands(x2d, U, d, V, bias, weight)
-    plan = plan or triton_plan(x2d.shape[0], V.shape[1], weight is not None)
+    plan = plan or triton_plan(x2d.shape[0], V.shape[1], weight is not None, bank=idx is not None)
+    if idx is not None:
+        _check_bank_plan(plan)
+        z, _, _ = lowrank_project(x2d, V)
+        return dense_plus_lowrank(x2d, weight, z, d, U, bias, idx=idx), z
     if plan == "fold":
         z, _, _ = lowrank_project(x2d, V)
         w = fold_weight(weight, U, d, V)
@@ -409,19 +505,31 @@ def spectral_linear_fwd_triton(
     return dense_plus_lowrank(x2d, weight, zd, None, U, bias), z
 
 
+def _check_bank_plan(plan: str) -> None:
+    if plan != "fused":
+        raise ValueError(f"the triton backend runs adapter banks (adapter_index) on the fused plan only, "
+                         f"not {plan!r}: the fold and two-GEMM plans apply one d [k] to every token")
+
+
 def spectral_linear_bwd_triton(
     dy2d: Tensor, z: Tensor, U: Tensor, d: Tensor, V: Tensor, weight: Tensor | None,
-    *, plan: str | None = None,
+    idx: Tensor | None = None, *, plan: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward on flattened tokens: (dx [T, in], dd [k], g = dy·U [T, k]).
 
     dd = Σ z ⊙ g is reduced inside the kernel that computes g (no second pass over z and g);
     dx = dy·weight + (g ⊙ d)·Vᵀ shares one accumulator ("fused", "two_gemm"), or is dy·W' with
     W' refolded by the fold kernel ("fold": recomputed, not kept from the forward, so no weight-
-    sized tensor lives between the two passes).
+    sized tensor lives between the two passes). With a bank d [n, k] and ``idx`` [T]: dd [n, k]
+    from the per-adapter block reduction (module docstring), dx on the fused plan.
     """
     _check_triton_operands(dy2d, z, U, d, V, weight)
-    plan = plan or triton_plan(dy2d.shape[0], V.shape[1], weight is not None)
+    plan = plan or triton_plan(dy2d.shape[0], V.shape[1], weight is not None, bank=idx is not None)
+    if idx is not None:
+        _check_bank_plan(plan)
+        g, _, dd = lowrank_project(dy2d, U, aux=z, idx=idx, n=d.shape[0])
+        dx = dense_plus_lowrank(dy2d, weight, g, d, V, None, w_transposed=True, idx=idx)
+        return dx, dd.to(d.dtype), g
     if plan == "fold":
         g, _, dd = lowrank_project(dy2d, U, aux=z)
         return dy2d @ fold_weight(weight, U, d, V), dd.to(d.dtype), g

@@ -5,8 +5,8 @@
     sk.save_pretrained(model, "run/adapter");  model = sk.from_pretrained(base_model, "run/adapter")
 
 Modules, bottom to top: ``config`` (SpectralConfig), ``fingerprints`` (base-weight fingerprints),
-``inject`` (adapt), ``adapter_io`` (single-file adapters), ``merge``, ``folder`` (adapter folders,
-transformers' save_pretrained and Trainer).
+``inject`` (adapt), ``banks`` (named adapters, mixed-task batches), ``adapter_io`` (single-file
+adapters), ``merge``, ``folder`` (adapter folders, transformers' save_pretrained and Trainer).
 """
 from spectral_kernels.tuning.adapter_io import (
     AdapterInfo,
@@ -15,6 +15,15 @@ from spectral_kernels.tuning.adapter_io import (
     load_adapter,
     read_adapter,
     save_adapter,
+)
+from spectral_kernels.tuning.banks import (
+    active_adapter,
+    adapter_batch,
+    adapter_parameters,
+    add_adapter,
+    delete_adapter,
+    list_adapters,
+    set_adapter,
 )
 from spectral_kernels.tuning.config import SpectralConfig
 from spectral_kernels.tuning.fingerprints import fingerprint
@@ -34,12 +43,18 @@ __all__ = [
     "AdapterInfo",
     "AdapterMismatchError",
     "SpectralConfig",
+    "active_adapter",
     "adapt",
+    "adapter_batch",
+    "adapter_parameters",
     "adapter_state_dict",
+    "add_adapter",
     "count_parameters",
+    "delete_adapter",
     "find_targets",
     "fingerprint",
     "from_pretrained",
+    "list_adapters",
     "load_adapter",
     "merge_adapter",
     "print_trainable_parameters",
@@ -47,6 +62,7 @@ __all__ = [
     "read_folder",
     "save_adapter",
     "save_pretrained",
+    "set_adapter",
     "spectral_layers",
     "unload",
     "unmerge",

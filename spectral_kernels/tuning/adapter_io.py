@@ -11,6 +11,14 @@ and uses bit-identical directions). Its string metadata holds:
   lora_rank, lora_alpha, fingerprint}}`` for every adapted layer.
 
 Base fingerprints: :mod:`spectral_kernels.tuning.fingerprints`.
+
+Adapter banks (:mod:`spectral_kernels.tuning.banks`): a file holds one adapter's coefficients,
+always under ``{layer}.coeffs``: ``save_adapter(model, path, adapter="topic")`` writes that slot
+(default: the active adapter), and ``load_adapter(model, path, adapter="topic")`` reads a file's
+coefficients into the slot "topic" (added when missing), so a task trained and saved alone joins
+another model's bank. Loading into a slot other than "default" takes coefficients only: a file
+that also holds tensors every adapter shares (``modules_to_save`` heads, biases with
+``train_bias``) is refused there.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from spectral_kernels.tuning.inject import (
     unwrap,
 )
 from spectral_kernels.nn.speclora import SpecLoRALinear
-from spectral_kernels.nn.spectral_linear import SpectralLinear
+from spectral_kernels.nn.spectral_linear import DEFAULT_ADAPTER, SpectralLinear
 
 FORMAT_VERSION = "1"
 META_FORMAT = "spectral_kernels.format"
@@ -78,10 +86,21 @@ class AdapterInfo:
                 f"{self.num_parameters:,} parameters, {self.num_bytes / 1024:.1f} KiB")
 
 
-def adapter_state_dict(model: nn.Module, *, include_basis: bool = False) -> dict[str, Tensor]:
-    """The tensors save_adapter writes: trainable parameters by name (+ U, s, V with include_basis)."""
+def _coefficient_ids(layers: dict[str, SpectralLinear]) -> set[int]:
+    return {id(layer.coefficients(n)) for layer in layers.values() for n in layer.adapter_names()}
+
+
+def adapter_state_dict(model: nn.Module, *, include_basis: bool = False,
+                       adapter: str | None = None) -> dict[str, Tensor]:
+    """The tensors save_adapter writes: every layer's coefficients of ``adapter`` (None: the active
+    one) as ``{layer}.coeffs``, the other trainable parameters by name (+ U, s, V with
+    include_basis)."""
     m = unwrap(model)
-    out = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+    layers = spectral_layers(m)
+    coeff_ids = _coefficient_ids(layers)
+    out = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad and id(p) not in coeff_ids}
+    for name, layer in layers.items():
+        out[f"{name}.coeffs"] = layer.coefficients(adapter).detach()
     if include_basis:
         for name, layer in spectral_layers(m).items():
             for b in ("U", "s", "V"):
@@ -90,7 +109,7 @@ def adapter_state_dict(model: nn.Module, *, include_basis: bool = False) -> dict
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_basis: bool = False,
-                 verbose: bool = False) -> AdapterInfo:
+                 adapter: str | None = None, verbose: bool = False) -> AdapterInfo:
     """Write the adapter of an adapted model to ``path`` (safetensors); returns its size (printed
     too with ``verbose=True``).
 
@@ -99,6 +118,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_basis: bo
         path: file to write.
         include_basis: also store every layer's U [out, k], s [k], V [in, k] (larger, but loading
             then needs no SVD and reproduces the directions bit for bit).
+        adapter: which named adapter's coefficients to write (None: the active one); stored as
+            ``{layer}.coeffs`` whatever the name, so the file loads into any slot.
     """
     from safetensors.torch import save_file
 
@@ -113,7 +134,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_basis: bo
         if fp is None:
             raise ValueError(f"save_adapter: layer {name!r} has no base weight nor recorded fingerprint")
         layer_meta[name] = {**_layer_meta(layer), "fingerprint": fp}
-    tensors = {n: t.cpu().contiguous() for n, t in adapter_state_dict(m, include_basis=include_basis).items()}
+    tensors = {n: t.cpu().contiguous()
+               for n, t in adapter_state_dict(m, include_basis=include_basis, adapter=adapter).items()}
     metadata = {META_FORMAT: FORMAT_VERSION, META_CONFIG: config.to_json(),
                 META_LAYERS: json.dumps(layer_meta, sort_keys=True)}
     path = os.fspath(path)
@@ -143,7 +165,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[SpectralConfig, dict[str, dic
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                 verbose: bool = False) -> nn.Module:
+                 adapter: str | None = None, verbose: bool = False) -> nn.Module:
     """Load an adapter file into ``model`` and return it.
 
     A model that is not adapted yet is first checked against the file's base fingerprints (before
@@ -151,6 +173,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | 
     ``cache_dir`` replaces the config's ``svd_cache_dir`` for the SVD cache).
     An adapted model must have the same adapted layers with the same shape, rank, mode, form and
     LoRA rank. The trainable tensors are then copied in.
+
+    ``adapter`` names the coefficient slot the file's ``{layer}.coeffs`` go to (None: the active
+    adapter; a missing name is added to every layer). A slot other than "default" takes
+    coefficients only (module docstring).
 
     Raises:
         AdapterMismatchError: another base weight, rank, mode, form, LoRA rank or set of layers;
@@ -191,8 +217,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | 
                 with torch.no_grad():
                     for b in ("U", "s", "V"):
                         getattr(layers[n], b).copy_(tensors.pop(f"{n}.{b}"))
-    params = dict(m.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
+    coeff_ids = _coefficient_ids(layers)
+    params = {n: p for n, p in m.named_parameters() if id(p) not in coeff_ids}
+    if adapter is not None and adapter not in next(iter(layers.values())).adapter_names():
+        for layer in layers.values():
+            layer.add_adapter(adapter)
+    for name, layer in layers.items():
+        params[f"{name}.coeffs"] = layer.coefficients(adapter)
+    coeff_keys = {f"{name}.coeffs" for name in layers}
+    shared = {n for n, p in params.items() if n not in coeff_keys and p.requires_grad}
+    slot = adapter if adapter is not None else next(iter(layers.values())).active_adapter
+    if slot != DEFAULT_ADAPTER:
+        extra = sorted(set(tensors) - coeff_keys)
+        if extra:
+            raise AdapterMismatchError(
+                f"the adapter holds {extra[:5]}, tensors every adapter of a bank shares; only coefficients "
+                f"load into the named adapter {slot!r} (load this file with adapter='default')")
+        shared = set()
+    trainable = shared | coeff_keys
     missing, unexpected = sorted(trainable - set(tensors)), sorted(set(tensors) - trainable)
     if unexpected:
         raise AdapterMismatchError(f"the adapter holds {unexpected[:5]} which are not trainable parameters of the model")

@@ -46,8 +46,10 @@ def dense_layer(layer: SpectralLinear, weight: Tensor) -> nn.Module:
     return dense
 
 
-def merge_adapter(model: nn.Module) -> nn.Module:
+def merge_adapter(model: nn.Module, *, adapter: str | None = None) -> nn.Module:
     """Replace every spectral layer by its merged dense layer (see the module docstring); returns model.
+    ``adapter``: the named coefficient set to merge (None: the active one); unmerge restores the
+    layers with every adapter.
 
     Raises:
         ValueError: the model has no spectral layer.
@@ -58,7 +60,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         raise ValueError("merge_adapter: the model has no spectral layer to merge")
     stash = getattr(m, MERGED_ATTR, None) or {}
     for name, layer in layers.items():
-        _set_submodule(m, name, dense_layer(layer, layer.merged_weight()))
+        _set_submodule(m, name, dense_layer(layer, layer.merged_weight(adapter)))
         stash[name] = layer
     setattr(m, MERGED_ATTR, stash)
     return model

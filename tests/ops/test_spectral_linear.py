@@ -90,10 +90,10 @@ def test_trainable_V_saves_x():
 
 def test_opcheck_forward_and_backward_ops():
     ops = make_operands((2, 5), 9, 7, 3).cast(torch.float64, ("x", "d", "bias"))
-    torch.library.opcheck(_spectral_linear_op, (*ops.as_tuple(), "torch", "torch"))
+    torch.library.opcheck(_spectral_linear_op, (*ops.as_tuple(), None, "torch", "torch"))
     dy = torch.randn(2, 5, 7, dtype=torch.float64)
     z = torch.randn(2, 5, 3, dtype=torch.float64)
-    torch.library.opcheck(_spectral_linear_backward_op, (dy, z, ops.U, ops.d.detach(), ops.V, ops.weight, "torch"))
+    torch.library.opcheck(_spectral_linear_backward_op, (dy, z, ops.U, ops.d.detach(), ops.V, ops.weight, None, "torch"))
 
 
 def test_torch_compile_fullgraph():
@@ -262,7 +262,7 @@ def test_eager_function_and_custom_op_agree():
     results = []
     for fn in (_SpectralLinearFunction.apply, _spectral_linear_op):
         ops = base.cast(torch.float32, grads)
-        y, z = fn(*ops.as_tuple(), "torch", "torch")
+        y, z = fn(*ops.as_tuple(), None, "torch", "torch")
         assert not z.requires_grad
         (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
         results.append([y.detach(), z] + [getattr(ops, g).grad for g in grads])

@@ -93,7 +93,7 @@ def test_triton_opcheck():
     from spectral_kernels.ops.spectral_linear import _spectral_linear_op
 
     ops = make_operands((2, 5), 37, 19, 3, device=DEVICE).cast(torch.float32, ("x", "d", "bias"))
-    torch.library.opcheck(_spectral_linear_op, (*ops.as_tuple(), "triton", "triton"))
+    torch.library.opcheck(_spectral_linear_op, (*ops.as_tuple(), None, "triton", "triton"))
 
 
 def test_triton_refuses_float64():
