@@ -32,11 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from spectral_kernels.tuning.config import SpectralConfig
-from spectral_kernels.tuning.fingerprints import compare_fingerprints, fingerprint, layer_fingerprint
+from spectral_kernels.tuning.fingerprints import compare_fingerprints, layer_fingerprint
 from spectral_kernels.tuning.inject import (
     CONFIG_ATTR,
     SOURCE_ATTR,
     adapt,
+    base_fingerprint,
     base_weight,
     find_targets,
     spectral_layers,
@@ -189,7 +190,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | 
         targets = find_targets(m, config)
         _check_names(set(targets), set(layer_meta))
         for name, module in targets.items():
-            diff = compare_fingerprints(layer_meta[name]["fingerprint"], fingerprint(base_weight(module)))
+            diff = compare_fingerprints(layer_meta[name]["fingerprint"], base_fingerprint(module))
             if diff is not None:
                 raise AdapterMismatchError(f"layer {name!r}: {diff}")
         basis = None

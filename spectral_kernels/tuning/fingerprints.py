@@ -47,9 +47,16 @@ def fingerprint(W: Tensor) -> dict[str, Any]:
 
 
 def compare_fingerprints(stored: dict[str, Any], actual: dict[str, Any]) -> str | None:
-    """None when ``actual`` is the base ``stored`` was taken from; otherwise what differs, in words."""
+    """None when ``actual`` is the base ``stored`` was taken from; otherwise what differs, in words.
+
+    A quantized base's fingerprint (:func:`spectral_kernels.tuning.quantized.quantized_fingerprint`)
+    carries its settings under ``quant``: it matches only a base quantized with the same settings
+    (each differing setting is named) and the same stored bytes."""
     if list(stored["shape"]) != list(actual["shape"]):
         return f"base weight shape {actual['shape']} differs from the adapter's {stored['shape']}"
+    sq, aq = stored.get("quant"), actual.get("quant")
+    if sq is not None or aq is not None:
+        return _compare_quantized(stored, actual, sq, aq)
     if stored["dtype"] == actual["dtype"]:
         if stored["sha256"] == actual["sha256"]:
             return None
@@ -63,6 +70,25 @@ def compare_fingerprints(stored: dict[str, Any], actual: dict[str, Any]) -> str 
         return None
     return (f"base weight ({actual['dtype']}) differs from the adapter's ({stored['dtype']}) beyond rounding: "
             f"norm {actual['norm']:.6g} vs {stored['norm']:.6g}, sum {actual['sum']:.6g} vs {stored['sum']:.6g}")
+
+
+def _describe_quant(q: dict[str, Any] | None, dtype: str) -> str:
+    if q is None:
+        return f"an unquantized {dtype} weight"
+    return q["kind"] + " (" + ", ".join(f"{k}={v}" for k, v in q.items() if k != "kind") + ")"
+
+
+def _compare_quantized(stored: dict[str, Any], actual: dict[str, Any], sq: dict | None, aq: dict | None) -> str | None:
+    if sq is None or aq is None:
+        return (f"the base is {_describe_quant(aq, actual['dtype'])} but the adapter was trained on "
+                f"{_describe_quant(sq, stored['dtype'])}")
+    diffs = [f"{k}={aq.get(k)!r} (adapter: {sq.get(k)!r})" for k in sorted(set(sq) | set(aq)) if sq.get(k) != aq.get(k)]
+    if diffs:
+        return "the base is quantized differently from the adapter's: " + ", ".join(diffs)
+    if stored["sha256"] != actual["sha256"]:
+        return (f"quantized base weight differs from the one the adapter was trained on (same settings "
+                f"{_describe_quant(aq, actual['dtype'])}, sha256 {actual['sha256'][:12]} vs {stored['sha256'][:12]})")
+    return None
 
 
 def layer_fingerprint(layer: SpectralLinear) -> dict[str, Any] | None:

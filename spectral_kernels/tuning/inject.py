@@ -7,6 +7,12 @@ W [out, in] and replaced by
     mode "scale" / "shift":  SpectralLinear(W, top-k of W)          (spectral_kernels.nn)
     mode "speclora":         SpecLoRALinear(W, top-k of W, A, B)
 
+A quantized target (bitsandbytes Linear4bit / Linear8bitLt, an nn.Linear with a torchao quantized
+weight; see :mod:`spectral_kernels.tuning.quantized`) is kept whole, frozen, inside a
+QuantizedSpectralLinear computing base(x) + ((x·V) ⊙ d)·Uᵀ, modes "scale" and "shift" only. Its
+factors come from the dequantized weight Ŵ (float32), dequantized a few layers at a time
+(:data:`QUANT_SVD_CHUNK`) so that a large model never holds more than a few dense matrices.
+
 The top-k factors of all targets come from one :func:`batched_truncated_svd` pass (same-shape
 weights stacked, one tqdm bar), one pass per distinct k. Afterwards only the spectral coefficients
 (plus LoRA pairs, biases with ``train_bias``, and ``modules_to_save``) require grad.
@@ -23,6 +29,8 @@ from torch import Tensor, nn
 
 from spectral_kernels.tuning.config import ALL_LINEAR, SpectralConfig, name_matches
 from spectral_kernels.tuning.fingerprints import FINGERPRINT_ATTR, fingerprint
+from spectral_kernels.tuning.quantized import quant_kind, quantized_fingerprint
+from spectral_kernels.nn.quantized import QuantizedSpectralLinear
 from spectral_kernels.nn.speclora import SpecLoRALinear
 from spectral_kernels.nn.spectral_linear import SpectralLinear
 
@@ -34,6 +42,9 @@ CONFIG_ATTR = "spectral_config"
 Factors = tuple[Tensor, Tensor, Tensor]
 
 logger = logging.getLogger("spectral_kernels")
+
+#: quantized targets are dequantized (float32) and SVD'd this many layers at a time
+QUANT_SVD_CHUNK = 4
 
 #: called with the model at the end of every adapt(): layers above this module register here what
 #: an adapted model needs from them (tuning/folder.py: transformers' save_pretrained), so that this
@@ -50,14 +61,37 @@ def conv1d_type() -> type | None:
     return Conv1D
 
 
+def _looks_quantized(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "bitsandbytes" and isinstance(module, nn.Linear)
+
+
 def is_adaptable(module: nn.Module) -> bool:
+    """nn.Linear (torchao-quantized ones included), Conv1D, or a bitsandbytes linear layer (whether
+    that quantized type is supported is checked by :func:`quant_kind`, which names it if not)."""
     conv = conv1d_type()
-    return type(module) is nn.Linear or (conv is not None and isinstance(module, conv))
+    return type(module) is nn.Linear or (conv is not None and isinstance(module, conv)) or _looks_quantized(module)
 
 
 def base_weight(module: nn.Module) -> Tensor:
-    """The weight in nn.Linear orientation [out, in] (a transposed view for a Conv1D)."""
+    """The weight in nn.Linear orientation [out, in] (a transposed view for a Conv1D). For a
+    quantized layer this is its stored (packed) weight; see :func:`base_shape` and
+    :func:`spectral_kernels.tuning.quantized.dequantize`."""
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def base_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a target, quantized or not."""
+    if quant_kind(module) is not None:
+        return module.out_features, module.in_features
+    out_f, in_f = base_weight(module).shape
+    return out_f, in_f
+
+
+def base_fingerprint(module: nn.Module) -> dict:
+    """The fingerprint of a target's base: of its weight, or of its quantized storage and settings."""
+    if quant_kind(module) is not None:
+        return quantized_fingerprint(module)
+    return fingerprint(base_weight(module))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -108,6 +142,10 @@ def find_targets(model: nn.Module, config: SpectralConfig) -> dict[str, nn.Modul
         if isinstance(m, SpectralLinear):
             raise TypeError(f"module {n!r} is already a {type(m).__name__}: the model was adapted already "
                             "(merge_adapter / a fresh model first)")
+        try:
+            quant_kind(m)
+        except TypeError as e:
+            raise TypeError(f"module {n!r}: {e}") from None
         if not is_adaptable(m):
             raise TypeError(f"module {n!r} is a {type(m).__name__}, which adapt cannot adapt; targets must be "
                             "nn.Linear or transformers Conv1D (narrow target_modules, or add it to exclude_modules)")
@@ -169,7 +207,8 @@ def adapt(
     targets = find_targets(model, config)
     ranks: dict[str, int] = {}
     for name, module in targets.items():
-        out_f, in_f = base_weight(module).shape
+        _check_quantized_config(name, module, config)
+        out_f, in_f = base_shape(module)
         k = config.rank_for(in_f, out_f)
         if k > min(in_f, out_f):
             raise ValueError(f"rank {k} is too large for layer {name!r} ({type(module).__name__} {in_f}→{out_f}): "
@@ -189,6 +228,7 @@ def adapt(
         _set_submodule(model, name, layer)
         src = f"{type(module).__name__}({layer.in_features}→{layer.out_features})"
         extra = f", lora_rank {layer.lora_rank}" if isinstance(layer, SpecLoRALinear) else ""
+        extra += f", base {layer.quant_kind}" if isinstance(layer, QuantizedSpectralLinear) else ""
         report.replaced[name] = f"{src} → {type(layer).__name__}(rank {layer.rank}, {config.mode}, {layer.form}{extra})"
 
     for p in model.parameters():
@@ -231,16 +271,49 @@ def _match_modules_to_save(model: nn.Module, config: SpectralConfig) -> dict[str
     return out
 
 
+def _check_quantized_config(name: str, module: nn.Module, config: SpectralConfig) -> None:
+    """Refuse, naming the layer and its type, what a quantized base cannot do."""
+    kind = quant_kind(module)
+    if kind is None:
+        return
+    what = f"layer {name!r} is a quantized {type(module).__name__} ({kind})"
+    if config.mode not in ("scale", "shift"):
+        raise ValueError(f"{what}: mode {config.mode!r} is not supported on quantized bases; use mode 'scale' or "
+                         "'shift' (the quantized weight stays frozen and a spectral term is added)")
+    if config.form == "pure":
+        raise ValueError(f"{what}: form 'pure' drops the base weight, which a quantized base keeps; use form "
+                         "'delta' or 'auto'")
+    if config.train_bias:
+        raise ValueError(f"{what}: train_bias=True is not supported on quantized bases (the base and its bias "
+                         "stay frozen and untouched)")
+
+
 def _factors(targets: dict[str, nn.Module], ranks: dict[str, int], config: SpectralConfig,
              given: Mapping[str, Factors]) -> dict[str, Factors]:
-    """Top-k factors of every target: given ones, else batched_truncated_svd per distinct k."""
+    """Top-k factors of every target: given ones, else batched_truncated_svd per distinct k.
+
+    Quantized targets are dequantized to float32 :data:`QUANT_SVD_CHUNK` layers at a time, each
+    chunk SVD'd and dropped before the next, so peak memory is a few dense [out, in] matrices."""
     out = {n: tuple(given[n]) for n in targets if n in given}
     by_k: dict[int, dict[str, Tensor]] = {}
+    quant_by_k: dict[int, list[str]] = {}
     for name, module in targets.items():
-        if name not in out:
+        if name in out:
+            continue
+        if quant_kind(module) is not None:
+            quant_by_k.setdefault(ranks[name], []).append(name)
+        else:
             by_k.setdefault(ranks[name], {})[name] = base_weight(module).detach()
     for k, mats in by_k.items():
         out.update(_batched_svd(mats, k, config))
+    if quant_by_k:
+        from spectral_kernels.tuning.quantized import dequantize
+
+        for k, names in quant_by_k.items():
+            for i in range(0, len(names), QUANT_SVD_CHUNK):
+                chunk = {n: dequantize(targets[n]) for n in names[i:i + QUANT_SVD_CHUNK]}
+                out.update(_batched_svd(chunk, k, config))
+                del chunk
     return out
 
 
@@ -259,7 +332,29 @@ def _batched_svd(mats: dict[str, Tensor], k: int, config: SpectralConfig) -> dic
 
 
 @torch.no_grad()
+def _build_quantized(module: nn.Module, k: int, svd: Factors, config: SpectralConfig) -> QuantizedSpectralLinear:
+    from spectral_kernels.nn.spectral_linear import _check_factors
+    from spectral_kernels.tuning.quantized import compute_dtype
+
+    kind = quant_kind(module)
+    out_f, in_f = module.out_features, module.in_features
+    device = svd[0].device
+    layer = QuantizedSpectralLinear(module, in_f, out_f, k, mode=config.mode, backend=config.backend,
+                                    quant_kind=kind, device=device, dtype=compute_dtype(module))
+    U, s, V = _check_factors(svd, torch.empty(out_f, in_f, device="meta"), k)
+    layer.U.copy_(U)
+    layer.s.copy_(s)
+    layer.V.copy_(V)
+    setattr(layer, SOURCE_ATTR, "linear")
+    setattr(layer, FINGERPRINT_ATTR, quantized_fingerprint(module))
+    layer.train(module.training)
+    return layer
+
+
+@torch.no_grad()
 def _build(module: nn.Module, k: int, svd: Factors, config: SpectralConfig) -> SpectralLinear:
+    if quant_kind(module) is not None:
+        return _build_quantized(module, k, svd, config)
     W = base_weight(module)
     out_f, in_f = W.shape
     bias = module.bias

@@ -5,13 +5,22 @@ replaced: an nn.Linear with weight W' = W + U·diag(d)·Vᵀ (+ (α/r)·B·A in 
 transformers Conv1D holding W'ᵀ [in, out]. The spectral layers are kept aside on the model, so
 ``unmerge`` puts them back (coefficients and all) to continue training. ``unload`` returns the
 pretrained base instead: W itself (delta form) or U·diag(s)·Vᵀ (pure form).
+
+Quantized bases (:class:`QuantizedSpectralLinear`): ``merge_adapter`` dequantizes the base (Ŵ, float32),
+adds ΔW = U·diag(d)·Vᵀ and re-quantizes Ŵ + ΔW into a new layer of the base's type and settings
+(as peft's QLoRA merge does). That is lossy: it warns with the measured relative error
+‖Q(Ŵ + ΔW) − (Ŵ + ΔW)‖ / ‖Ŵ + ΔW‖ (Q = quantize then dequantize), the largest over the layers.
+``unload`` returns each quantized base module itself, the very object adapt() wrapped.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 from spectral_kernels.tuning.inject import SOURCE_ATTR, _set_submodule, conv1d_type, spectral_layers, unwrap
+from spectral_kernels.nn.quantized import QuantizedSpectralLinear
 from spectral_kernels.nn.spectral_linear import SpectralLinear
 
 #: attribute of a merged model: {name: the SpectralLinear that merge_adapter replaced}
@@ -59,11 +68,47 @@ def merge_adapter(model: nn.Module, *, adapter: str | None = None) -> nn.Module:
     if not layers:
         raise ValueError("merge_adapter: the model has no spectral layer to merge")
     stash = getattr(m, MERGED_ATTR, None) or {}
+    lossy: dict[str, tuple[str, float, float]] = {}
     for name, layer in layers.items():
-        _set_submodule(m, name, dense_layer(layer, layer.merged_weight(adapter)))
+        if isinstance(layer, QuantizedSpectralLinear):
+            merged, err, rel_update = merge_quantized(layer, adapter)
+            _set_submodule(m, name, merged)
+            lossy[name] = (layer.quant_kind, err, rel_update)
+        else:
+            _set_submodule(m, name, dense_layer(layer, layer.merged_weight(adapter)))
         stash[name] = layer
     setattr(m, MERGED_ATTR, stash)
+    if lossy:
+        worst = max(lossy, key=lambda n: lossy[n][1])
+        kinds = sorted({k for k, _, _ in lossy.values()})
+        mean = sum(e for _, e, _ in lossy.values()) / len(lossy)
+        upd = max(u for _, _, u in lossy.values())
+        warnings.warn(
+            f"merge_adapter: merging into {len(lossy)} quantized layers ({', '.join(kinds)}) is lossy: the merged "
+            f"weights were re-quantized; relative error ||W_merged_requant - (W_deq + dW)|| / ||W_deq + dW|| = "
+            f"{lossy[worst][1]:.3e} at most (layer {worst!r}), {mean:.3e} on average, against an update "
+            f"||dW|| / ||W_deq|| of at most {upd:.3e}. Keep the adapter separate (or merge into a "
+            "full-precision copy of the base) for an exact model.", UserWarning, stacklevel=2)
     return model
+
+
+@torch.no_grad()
+def merge_quantized(layer: QuantizedSpectralLinear, adapter: str | None = None) -> tuple[nn.Module, float, float]:
+    """(merged layer, relative error, relative update) for a layer on a quantized base.
+
+    The merged layer is the base's type and settings holding Q(Ŵ + ΔW) with Ŵ the dequantized base
+    weight and ΔW = U·diag(d)·Vᵀ; the relative error is ‖deq(Q(Ŵ + ΔW)) − (Ŵ + ΔW)‖ / ‖Ŵ + ΔW‖ and
+    the relative update ‖ΔW‖ / ‖Ŵ‖ (both in float64 norms of float32 matrices)."""
+    from spectral_kernels.tuning.quantized import dequantize, requantize
+
+    W = dequantize(layer.base)
+    dW = layer.delta_weight(adapter).to(W.device)
+    target = W + dW
+    merged = requantize(layer.base, target)
+    err = torch.linalg.vector_norm((dequantize(merged) - target).double()) / \
+        torch.linalg.vector_norm(target.double()).clamp_min(1e-300)
+    rel = torch.linalg.vector_norm(dW.double()) / torch.linalg.vector_norm(W.double()).clamp_min(1e-300)
+    return merged, err.item(), rel.item()
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -78,7 +123,9 @@ def unmerge(model: nn.Module) -> nn.Module:
         raise ValueError("unmerge: the model holds no merged adapter (merge_adapter was not called on it)")
     for name, layer in stash.items():
         dense = m.get_submodule(name)
-        _set_submodule(m, name, layer.to(device=dense.weight.device))
+        if not isinstance(layer, QuantizedSpectralLinear):
+            layer = layer.to(device=dense.weight.device)
+        _set_submodule(m, name, layer)
     setattr(m, MERGED_ATTR, {})
     return model
 
@@ -87,12 +134,16 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Replace every spectral layer by the pretrained dense layer it was built from, dropping the
     adapter: W (delta form; bit-exact) or U·diag(s)·Vᵀ (pure form; exact up to the SVD's rounding).
+    A layer on a quantized base gives back that base module itself (the same object).
     The bias is the layer's current one: with ``train_bias=True`` that is the trained bias."""
     m = unwrap(model)
     layers = spectral_layers(m)
     if not layers:
         raise ValueError("unload: the model has no spectral layer")
     for name, layer in layers.items():
+        if isinstance(layer, QuantizedSpectralLinear):
+            _set_submodule(m, name, layer.base)  # the quantized module itself, untouched
+            continue
         if layer.weight is not None:
             W = layer.weight
         else:
