@@ -91,6 +91,13 @@ def _coefficient_ids(layers: dict[str, SpectralLinear]) -> set[int]:
     return {id(layer.coefficients(n)) for layer in layers.values() for n in layer.adapter_names()}
 
 
+def _full(t: Tensor) -> Tensor:
+    """A detached, whole tensor: an FSDP2-sharded parameter (a DTensor) is gathered first, a
+    collective every rank must join (save_adapter then writes the same file on every rank)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def adapter_state_dict(model: nn.Module, *, include_basis: bool = False,
                        adapter: str | None = None) -> dict[str, Tensor]:
     """The tensors save_adapter writes: every layer's coefficients of ``adapter`` (None: the active
@@ -99,9 +106,9 @@ def adapter_state_dict(model: nn.Module, *, include_basis: bool = False,
     m = unwrap(model)
     layers = spectral_layers(m)
     coeff_ids = _coefficient_ids(layers)
-    out = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad and id(p) not in coeff_ids}
+    out = {n: _full(p) for n, p in m.named_parameters() if p.requires_grad and id(p) not in coeff_ids}
     for name, layer in layers.items():
-        out[f"{name}.coeffs"] = layer.coefficients(adapter).detach()
+        out[f"{name}.coeffs"] = _full(layer.coefficients(adapter))
     if include_basis:
         for name, layer in spectral_layers(m).items():
             for b in ("U", "s", "V"):

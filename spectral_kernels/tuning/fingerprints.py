@@ -28,8 +28,11 @@ FINGERPRINT_ATTR = "spectral_fingerprint"
 
 @torch.no_grad()
 def fingerprint(W: Tensor) -> dict[str, Any]:
-    """Fingerprint of a base weight (see the module docstring for what it covers and why)."""
+    """Fingerprint of a base weight (see the module docstring for what it covers and why). An
+    FSDP2-sharded weight (a DTensor) is gathered first: every rank must call this together."""
     W = W.detach()
+    if hasattr(W, "full_tensor"):
+        W = W.full_tensor()
     flat = W.reshape(-1)
     n = flat.numel()
     if n > FULL_HASH_NUMEL:
