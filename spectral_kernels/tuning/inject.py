@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from spectral_kernels.tuning.config import ALL_LINEAR, SpectralConfig, name_matches
+from spectral_kernels.tuning.distributed import distributed_svd, split_across_ranks
 from spectral_kernels.tuning.fingerprints import FINGERPRINT_ATTR, fingerprint
 from spectral_kernels.tuning.quantized import quant_kind, quantized_fingerprint
 from spectral_kernels.nn.quantized import QuantizedSpectralLinear
@@ -323,12 +324,20 @@ def _batched_svd(mats: dict[str, Tensor], k: int, config: SpectralConfig) -> dic
     for name, W in mats.items():
         if not torch.isfinite(W).all():
             raise ValueError(f"layer {name!r}: its weight holds NaN or Inf; cannot take its SVD")
-    res = batched_truncated_svd(
-        mats, k, oversample=config.svd_oversample, n_iter=config.svd_n_iter, tol=config.svd_tol,
-        method=config.svd_method, generator=torch.Generator().manual_seed(config.svd_seed),
-        cache_dir=config.svd_cache_dir, progress=config.progress,
-    )
-    return {n: (r.U, r.S, r.V) for n, r in res.items()}
+
+    def svd(share: dict[str, Tensor]) -> dict[str, Factors]:
+        if not share:
+            return {}
+        res = batched_truncated_svd(
+            share, k, oversample=config.svd_oversample, n_iter=config.svd_n_iter, tol=config.svd_tol,
+            method=config.svd_method, generator=torch.Generator().manual_seed(config.svd_seed),
+            cache_dir=config.svd_cache_dir, progress=config.progress,
+        )
+        return {n: (r.U, r.S, r.V) for n, r in res.items()}
+
+    if split_across_ranks():  # each matrix decomposed on one rank, factors broadcast
+        return distributed_svd(mats, k, svd)
+    return svd(mats)
 
 
 @torch.no_grad()
