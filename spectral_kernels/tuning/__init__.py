@@ -6,7 +6,7 @@
 
 Modules, bottom to top: ``config`` (SpectralConfig), ``fingerprints`` (base-weight fingerprints),
 ``inject`` (adapt), ``banks`` (named adapters, mixed-task batches), ``adapter_io`` (single-file
-adapters), ``merge``, ``folder`` (adapter folders, transformers' save_pretrained and Trainer).
+adapters), ``merge``, ``optimizer`` (parameter groups), ``folder`` (adapter folders, transformers' save_pretrained and Trainer).
 """
 from spectral_kernels.tuning.adapter_io import (
     AdapterInfo,
@@ -37,6 +37,7 @@ from spectral_kernels.tuning.inject import (
     spectral_layers,
 )
 from spectral_kernels.tuning.merge import merge_adapter, unload, unmerge
+from spectral_kernels.tuning.optimizer import param_groups
 
 __all__ = [
     "AdaptReport",
@@ -57,6 +58,7 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "merge_adapter",
+    "param_groups",
     "print_trainable_parameters",
     "read_adapter",
     "read_folder",
