@@ -8,6 +8,10 @@ does when it has no structure; "amplifies the top singular values" likewise.
 
     python benchmarks/adaptation/run_tasks.py --methods full --save-full /tmp/repro/weights
     python benchmarks/adaptation/analyze_full_ft.py --weights /tmp/repro/weights
+
+    # the large-update fine-tunings of sweep.py --phases large (<task>_full_large.safetensors)
+    python benchmarks/adaptation/analyze_full_ft.py --weights /tmp/repro/weights --suffix full_large \
+        --out benchmarks/adaptation/results/analysis_large
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run_tasks import model_dir  # noqa: E402
+from common import model_dir  # noqa: E402
 
 from spectral_kernels.analysis import load_state_dict  # noqa: E402
 from spectral_kernels.cli import main as cli  # noqa: E402
@@ -45,6 +49,7 @@ def null_model(base: dict, tuned: dict, seed: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default="/tmp/repro/weights", help="folder with <task>_full.safetensors")
+    ap.add_argument("--suffix", default="full", help="the weights are <task>_<suffix>.safetensors")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--out", default=str(HERE / "results" / "analysis"))
     args = ap.parse_args(argv)
@@ -52,11 +57,11 @@ def main(argv=None) -> int:
 
     base_path = model_dir() / "model.safetensors"
     w = Path(args.weights)
-    tuned = [w / "movies_full.safetensors", w / "tweets_full.safetensors"]
+    tuned = [w / f"movies_{args.suffix}.safetensors", w / f"tweets_{args.suffix}.safetensors"]
     base = load_state_dict(base_path)
     nulls = []
     for i, t in enumerate(tuned):
-        p = w / f"{t.stem.split('_')[0]}_null.safetensors"
+        p = w / f"{t.stem.split('_')[0]}_{args.suffix}_null.safetensors"
         save_file(null_model(base, load_state_dict(t), seed=i), str(p))
         nulls.append(p)
     common = ["--k", str(args.k), "--include", INCLUDE, "--no-progress"]
@@ -72,6 +77,8 @@ def main(argv=None) -> int:
             head[f"{tag}:{label}"] = {
                 "n_layers": len(L),
                 "rel_change_mean": mean(lambda x: x["relative_change"]),
+                "rel_change_min": min(x["relative_change"] for x in L),
+                "rel_change_max": max(x["relative_change"] for x in L),
                 "sv_ratio_1_mean": mean(lambda x: x["sv_ratio"][0]),
                 "sv_ratio_top4_mean": mean(lambda x: sum(x["sv_ratio"][:4]) / 4),
                 "sv_ratio_rest_mean": mean(lambda x: sum(x["sv_ratio"][4:]) / len(x["sv_ratio"][4:])),
