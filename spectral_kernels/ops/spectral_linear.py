@@ -152,7 +152,7 @@ def _gradients(ctx, dy, backward_op):
     elif needs_d or needs_V:
         g = _flat(dy) @ U
         if needs_d:
-            dd = lowrank_coeff_grad_ref(_flat(z), g, idx, d.shape[0] if idx is not None else None).to(d.dtype)
+            dd = _coeff_grad(ctx.backend, _flat(z), g, idx, d).to(d.dtype)
     db = _flat(dy).sum(0) if needs_bias else None
     if needs_U or needs_V:
         dt = d[idx] if idx is not None else d  # per-token rows of a bank: [T, k] (torch glue only)
@@ -161,6 +161,16 @@ def _gradients(ctx, dy, backward_op):
     else:
         dU = dV = None
     return dx, dU, dd if needs_d else None, dV, db
+
+
+def _coeff_grad(backend: str, z: Tensor, g: Tensor, idx: Optional[Tensor], d: Tensor) -> Tensor:
+    """dd alone (x needs no gradient). A bank on the cuda backend takes its deterministic
+    per-adapter reduction: torch's index_add_ uses atomics on CUDA."""
+    if idx is not None and backend == "cuda":
+        from spectral_kernels.ops.spectral_linear_cuda import bank_coeff_grads
+
+        return bank_coeff_grads(z, g, idx, d.shape[0])
+    return lowrank_coeff_grad_ref(z, g, idx, d.shape[0] if idx is not None else None)
 
 
 def _backward(ctx, dy, _dz):

@@ -486,3 +486,13 @@ def coeff_and_bias_grads(dy2d: Tensor, z: Tensor, g: Tensor) -> tuple[Tensor, Te
         dy2d: ``[T, out]``. z: ``[T, k]`` (x·V saved by the forward). g: ``[T, k]`` (dy·U).
     """
     return _cuda_coeff_and_bias_grads(z, g, dy2d)
+
+
+def bank_coeff_grads(z: Tensor, g: Tensor, idx: Tensor, n: int) -> Tensor:
+    """The bank gradient alone: dd ``[n, k]`` float32, row a = Σ_{t: idx[t] = a} z_t ⊙ g_t (zero
+    where no token has a), deterministic (:func:`_cuda_bank_coeff_grads`).
+
+    Args:
+        z: ``[T, k]``. g: ``[T, k]``. idx: ``[T]`` int64 on their device. n: rows of the bank.
+    """
+    return _cuda_bank_coeff_grads(z, g, idx, n)

@@ -187,6 +187,13 @@ def test_cuda_backend_checks_bank_operands_before_any_pointer():
         cu.spectral_linear_bwd_cuda(ops.x[:, :6], ops.x[:, :2], ops.U, ops.d, ops.V, ops.weight, idx)
     with pytest.raises(BackendUnavailableError, match="cuda"):  # no CUDA device here, or CPU tensors
         sk.spectral_linear(*ops.as_tuple(), adapter_index=idx, backend="cuda")
+    # without dx, the autograd glue sends a cuda bank's dd to the cuda reduction (not index_add_)
+    from spectral_kernels.ops.spectral_linear import _coeff_grad
+
+    zg = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="cuda_bank_coeff_grads: z must be a CUDA tensor"):
+        _coeff_grad("cuda", zg, zg, idx, ops.d)
+    torch.testing.assert_close(_coeff_grad("torch", zg, zg, idx, ops.d)[0], (zg * zg).sum(0))
 
     m = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
     ops_ns = torch.ops.spectral_kernels

@@ -142,6 +142,19 @@ def test_cuda_bank_is_deterministic(dtype, tokens):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("tokens", [4, 300])
+def test_cuda_bank_gradient_without_dx_is_deterministic(tokens):
+    """x needs no gradient (the first adapted layer of a frozen model): dd still comes from the
+    cuda backend's sorted reduction, not from index_add_'s atomics."""
+    ops = make_bank_operands((tokens,), 257, 300, 130, 64, device="cuda")
+    idx = torch.randint(0, 64, (tokens,), device="cuda")
+    torch.manual_seed(1)  # the same dy both times
+    ours = assert_bank_matches_reference(cuda_backend, ops, torch.float32, idx, grads=("d",))
+    torch.manual_seed(1)
+    again = assert_bank_matches_reference(cuda_backend, ops, torch.float32, idx, grads=("d",))
+    assert torch.equal(ours["dd"], again["dd"])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,n,skew", [(1, 3, False), (129, 64, False), (1000, 64, False), (1000, 5, True)])
 def test_cuda_bank_coeff_grads(dtype, tokens, n, skew):
