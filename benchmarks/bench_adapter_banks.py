@@ -14,8 +14,15 @@ For each N in {1, 8, 64, 512}:
 Memory per adapter: the trainable tensors one adapter adds (spectral: k per layer; LoRA:
 r·(in + out) per layer), in bytes (float32).
 
+On a GPU (``--device cuda``) the spectral rows repeat for each backend of ``--backends`` (the
+layers' ``backend``: torch gathers + cuBLAS, triton's fused bank plan, cuda's decode / mma bank
+plans) and every timing synchronises the device; ``--batch 16 --seq 1`` puts each layer's call in
+the decode plan's range (T = 16).
+
     python benchmarks/bench_adapter_banks.py            # ~1-2 minutes on 2 CPU cores
     python benchmarks/bench_adapter_banks.py --quick    # smaller, for a smoke run
+    python benchmarks/bench_adapter_banks.py --device cuda --dtype bfloat16 \
+        --backends torch,triton,cuda --out results/adapter_banks_cuda.json
 """
 from __future__ import annotations
 
@@ -45,16 +52,19 @@ class MLP(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def _time(fn, reps: int) -> float:
+def _time(fn, reps: int, device: torch.device = torch.device("cpu")) -> float:
     """Fastest of ``reps`` calls after two warm-up calls (the CPU is shared: the minimum is the
-    least disturbed)."""
+    least disturbed). On CUDA each call is timed from a synchronised device to its end."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         fn()
         fn()
         times = []
         for _ in range(reps):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -63,19 +73,19 @@ def _names(n: int, batch: int) -> list[str]:
     return [f"t{i % n}" for i in range(batch)]
 
 
-def spectral_model(d: int, rank: int, n: int) -> nn.Module:
+def spectral_model(d: int, rank: int, n: int, backend: str = "torch", device="cpu", dtype=torch.float32) -> nn.Module:
     torch.manual_seed(0)
     model = MLP(d)
-    sk.adapt(model, sk.SpectralConfig(target_modules=["fc1", "fc2"], rank=rank, backend="torch"), verbose=False)
+    sk.adapt(model, sk.SpectralConfig(target_modules=["fc1", "fc2"], rank=rank, backend=backend), verbose=False)
     for i in range(n):
         sk.add_adapter(model, f"t{i}")
         with torch.no_grad():
             for p in sk.adapter_parameters(model, f"t{i}"):
                 p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def peft_model(d: int, rank: int, n: int) -> nn.Module:
+def peft_model(d: int, rank: int, n: int, device="cpu", dtype=torch.float32) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -83,48 +93,52 @@ def peft_model(d: int, rank: int, n: int) -> nn.Module:
     model = get_peft_model(MLP(d), cfg, adapter_name="t0")
     for i in range(1, n):
         model.add_adapter(f"t{i}", cfg)
-    return model.eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def bench(d: int, rank: int, batch: int, seq: int, ns: list[int], reps: int) -> list[dict]:
+def bench(d: int, rank: int, batch: int, seq: int, ns: list[int], reps: int, *, backends=("torch",),
+          device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One row per (N, backend); peft is timed once per N and repeated in each of its rows."""
     rows = []
-    x = torch.randn(batch, seq, d)
+    x = torch.randn(batch, seq, d).to(device=device, dtype=dtype)
     for n in ns:
         names = _names(n, batch)
         distinct = list(dict.fromkeys(names))
-        sm = spectral_model(d, rank, n)
-        sk.set_adapter(sm, "t0")
-        row = {"adapters": n, "distinct_in_batch": len(distinct), "tokens": batch * seq}
-        row["spectral_single_ms"] = 1e3 * _time(lambda: sm(x), reps)
-
-        def mixed():
-            with sk.adapter_batch(sm, names):
-                return sm(x)
-
-        row["spectral_mixed_ms"] = 1e3 * _time(mixed, reps)
         groups = {a: [i for i, m in enumerate(names) if m == a] for a in distinct}
         xs = {a: x[idx] for a, idx in groups.items()}
-
-        def loop():
-            for a in distinct:
-                sk.set_adapter(sm, a)
-                sm(xs[a])
-
-        row["spectral_loop_ms"] = 1e3 * _time(loop, reps)
-        sk.set_adapter(sm, "t0")
+        peft_row = {}
         try:
-            pm = peft_model(d, rank, n)
-            row["peft_single_ms"] = 1e3 * _time(lambda: pm(x), reps)
-            row["peft_mixed_ms"] = 1e3 * _time(lambda: pm(x, adapter_names=names), reps)
+            pm = peft_model(d, rank, n, device, dtype)
+            peft_row["peft_single_ms"] = 1e3 * _time(lambda: pm(x), reps, device)
+            peft_row["peft_mixed_ms"] = 1e3 * _time(lambda: pm(x, adapter_names=names), reps, device)
+            peft_row["peft_mixed_over_single"] = peft_row["peft_mixed_ms"] / peft_row["peft_single_ms"]
             del pm
         except ImportError as exc:  # peft is in the bench extra
-            row["peft_error"] = repr(exc)
-        row["mixed_over_single"] = row["spectral_mixed_ms"] / row["spectral_single_ms"]
-        if "peft_mixed_ms" in row:
-            row["peft_mixed_over_single"] = row["peft_mixed_ms"] / row["peft_single_ms"]
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        rows.append(row)
-        del sm
+            peft_row["peft_error"] = repr(exc)
+        for backend in backends:
+            sm = spectral_model(d, rank, n, backend, device, dtype)
+            sk.set_adapter(sm, "t0")
+            row = {"adapters": n, "backend": backend, "distinct_in_batch": len(distinct), "tokens": batch * seq}
+            row["spectral_single_ms"] = 1e3 * _time(lambda: sm(x), reps, device)
+
+            def mixed():
+                with sk.adapter_batch(sm, names):
+                    return sm(x)
+
+            row["spectral_mixed_ms"] = 1e3 * _time(mixed, reps, device)
+
+            def loop():
+                for a in distinct:
+                    sk.set_adapter(sm, a)
+                    sm(xs[a])
+
+            row["spectral_loop_ms"] = 1e3 * _time(loop, reps, device)
+            sk.set_adapter(sm, "t0")
+            row["mixed_over_single"] = row["spectral_mixed_ms"] / row["spectral_single_ms"]
+            row.update(peft_row)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            rows.append(row)
+            del sm
     return rows
 
 
@@ -138,11 +152,25 @@ def _commit() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
-    ap.add_argument("--out", default=str(HERE / "results" / "adapter_banks_cpu.json"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--backends", default="torch", help="comma-separated spectral backends (torch,triton,cuda)")
+    ap.add_argument("--batch", type=int, default=None, help="samples per batch (default 64; 16 with --quick)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sample (default 16; 8 with --quick)")
+    ap.add_argument("--out", default=None, help="JSON path (default results/adapter_banks_<device>.json)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_adapter_banks: --device cuda but no CUDA device is visible")
+    dtype = getattr(torch, args.dtype)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    default_out = str(HERE / "results" / f"adapter_banks_{device.type}.json")
+    out = args.out or default_out
     d, rank, batch, seq, reps = (128, 8, 16, 8, 3) if args.quick else (512, 16, 64, 16, 7)
+    batch = args.batch or batch
+    seq = args.seq or seq
     ns = [1, 8, 64, 512]
-    rows = bench(d, rank, batch, seq, ns, reps)
+    rows = bench(d, rank, batch, seq, ns, reps, backends=backends, device=device, dtype=dtype)
     layers = 2
     try:
         import peft
@@ -152,21 +180,24 @@ def main() -> None:
         peft_version = None
     result = {
         "benchmark": "adapter_banks",
-        "device": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
         "cpu_threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "backends": backends,
         "versions": {"torch": torch.__version__, "spectral_kernels": sk.__version__, "peft": peft_version,
-                     "python": platform.python_version()},
+                     "python": platform.python_version(), "cuda": torch.version.cuda if device.type == "cuda" else None},
         "commit": _commit(),
         "shape": {"d_in": d, "d_out": d, "layers": layers, "rank": rank, "batch": batch, "seq": seq},
-        "bytes_per_adapter": {"spectral": layers * rank * 4, "lora": layers * rank * (d + d) * 4},
+        "bytes_per_adapter": {"spectral": layers * rank * dtype.itemsize, "lora": layers * rank * (d + d) * dtype.itemsize},
         "rows": rows,
-        "mixed_within_1.1x_single_for_every_n": all(r["mixed_over_single"] <= 1.1 for r in rows),
+        "mixed_within_1.1x_single_for_every_n": {
+            b: all(r["mixed_over_single"] <= 1.1 for r in rows if r["backend"] == b) for b in backends},
     }
-    if not args.quick or args.out != ap.get_default("out"):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
+    if not args.quick or args.out is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             json.dump(result, f, indent=2)
-        print(f"wrote {args.out}")
+        print(f"wrote {out}")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
 
 

@@ -3,6 +3,8 @@
 // A matrix crosses as (device pointer, stride0, stride1), a vector as (device pointer, stride),
 // strides in elements; None for an absent operand. dtype is 0 = float32, 1 = float16,
 // 2 = bfloat16; stream is a cudaStream_t as an integer (torch.cuda.current_stream().cuda_stream).
+// Adapter banks: the bank [n, k] crosses as a matrix, the per-token index as a vector of int64
+// values, and n as an integer; a one-d call passes none of them.
 // The Python wrappers (spectral_kernels/ops/spectral_linear_cuda.py) check devices, dtypes, shapes
 // and strides before calling; the checks here catch what would otherwise fault on the device.
 #include <pybind11/pybind11.h>
@@ -51,17 +53,49 @@ const void* vector(const std::optional<Vector>& v, const char* name, bool requir
 
 void* stream_ptr(uint64_t stream) { return reinterpret_cast<void*>(stream); }
 
-void decode_fwd(const Matrix& x, const Matrix& U, const Vector& d, const Matrix& V,
+// An adapter bank: (bank [n, cols] as a matrix, int64 index as a vector, n), all or none.
+struct Bank {
+  sk::MatrixArg rows;
+  const int64_t* index = nullptr;
+  int64_t index_s = 1, n = 0;
+};
+
+Bank bank(const std::optional<Matrix>& rows, const char* rows_name, const std::optional<Vector>& index,
+          const char* index_name, int64_t n) {
+  Bank b;
+  SK_CHECK_ARG(rows.has_value() == index.has_value(), index_name,
+               std::string("the bank ") + rows_name + " and " + index_name + " go together");
+  if (!index) return b;
+  b.rows = matrix(rows, rows_name, true);
+  b.index = static_cast<const int64_t*>(vector(index, index_name, true, &b.index_s));
+  SK_CHECK_ARG(n > 0, "n_adapters", "must be positive with a bank, got " + std::to_string(n));
+  b.n = n;
+  return b;
+}
+
+void decode_fwd(const Matrix& x, const Matrix& U, const std::optional<Vector>& d, const Matrix& V,
                 const std::optional<Vector>& bias, const std::optional<Matrix>& weight, const Matrix& y,
                 const Matrix& z, uint64_t workspace, uint64_t counters, int64_t workspace_floats,
                 int64_t counter_ints, int64_t tokens, int64_t in_features, int64_t out_features,
-                int64_t rank, int dtype, uint64_t stream) {
+                int64_t rank, int dtype, uint64_t stream, const std::optional<Matrix>& d_bank,
+                const std::optional<Vector>& adapter_index, int64_t n_adapters) {
   sk::DecodeFwdParams p;
   p.x = matrix(x, "x", true);
   p.U = matrix(U, "U", true);
   p.V = matrix(V, "V", true);
   p.weight = matrix(weight, "weight", false);
-  p.d = vector(d, "d", true, &p.d_s);
+  const Bank b = bank(d_bank, "d_bank", adapter_index, "adapter_index", n_adapters);
+  if (b.index != nullptr) {
+    SK_CHECK_ARG(!d, "d", "give d (one adapter) or d_bank with adapter_index, not both");
+    p.d = b.rows.ptr;
+    p.d_s0 = b.rows.s0;
+    p.d_s = b.rows.s1;
+    p.idx = b.index;
+    p.idx_s = b.index_s;
+    p.n = b.n;
+  } else {
+    p.d = vector(d, "d", true, &p.d_s);
+  }
   p.bias = vector(bias, "bias", false, &p.bias_s);
   const sk::MatrixArg ya = matrix(y, "y", true), za = matrix(z, "z", true);
   p.y = const_cast<void*>(ya.ptr);
@@ -88,14 +122,28 @@ void decode_fwd(const Matrix& x, const Matrix& U, const Vector& d, const Matrix&
 void lowrank_gemm(const std::optional<Matrix>& a1, const std::optional<Matrix>& b1,
                   const std::optional<Matrix>& a2, const std::optional<Matrix>& b2,
                   const std::optional<Vector>& scale, const std::optional<Vector>& bias, const Matrix& out,
-                  int64_t M, int64_t N, int64_t K1, int64_t K2, int dtype, uint64_t stream) {
+                  int64_t M, int64_t N, int64_t K1, int64_t K2, int dtype, uint64_t stream,
+                  const std::optional<Matrix>& scale_bank, const std::optional<Vector>& scale_index,
+                  int64_t n_adapters) {
   sk::LowRankGemmParams p;
   p.a1 = matrix(a1, "a1", false);
   p.b1 = matrix(b1, "b1", a1.has_value());
   p.a2 = matrix(a2, "a2", false);
   p.b2 = matrix(b2, "b2", a2.has_value());
   SK_CHECK_ARG(a1 || a2, "a1", "at least one of the two products is needed");
-  p.scale = vector(scale, "scale", false, &p.scale_s);
+  const Bank b = bank(scale_bank, "scale_bank", scale_index, "scale_index", n_adapters);
+  if (b.index != nullptr) {
+    SK_CHECK_ARG(!scale, "scale", "give scale or scale_bank with scale_index, not both");
+    SK_CHECK_ARG(a2.has_value(), "scale_bank", "scales a2, which is absent");
+    p.scale = b.rows.ptr;
+    p.scale_s0 = b.rows.s0;
+    p.scale_s = b.rows.s1;
+    p.scale_index = b.index;
+    p.scale_index_s = b.index_s;
+    p.scale_rows = b.n;
+  } else {
+    p.scale = vector(scale, "scale", false, &p.scale_s);
+  }
   p.bias = vector(bias, "bias", false, &p.bias_s);
   const sk::MatrixArg o = matrix(out, "out", true);
   p.out = const_cast<void*>(o.ptr);
@@ -126,6 +174,25 @@ void coeff_and_bias_grads(const Matrix& z, const Matrix& g, const std::optional<
   p.dtype = sk::dtype_from_code(dtype);
   py::gil_scoped_release release;
   sk::launch_coeff_and_bias_grads(p, stream_ptr(stream));
+}
+
+void bank_coeff_grads(const Matrix& z, const Matrix& g, uint64_t order, uint64_t starts, uint64_t dd,
+                      int64_t tokens, int64_t rank, int64_t n_adapters, int dtype, uint64_t stream) {
+  sk::BankCoeffGradParams p;
+  p.z = matrix(z, "z", true);
+  p.g = matrix(g, "g", true);
+  CHECK_PTR(order);
+  CHECK_PTR(starts);
+  CHECK_PTR(dd);
+  p.order = reinterpret_cast<const int64_t*>(order);
+  p.starts = reinterpret_cast<const int64_t*>(starts);
+  p.dd = reinterpret_cast<float*>(dd);
+  p.T = tokens;
+  p.k = rank;
+  p.n = n_adapters;
+  p.dtype = sk::dtype_from_code(dtype);
+  py::gil_scoped_release release;
+  sk::launch_bank_coeff_grads(p, stream_ptr(stream));
 }
 
 void check_decode_shape(int64_t tokens, int64_t in_features, int64_t rank) {
@@ -196,16 +263,28 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bias"), py::arg("weight"), py::arg("y"), py::arg("z"), py::arg("workspace"),
         py::arg("counters"), py::arg("workspace_floats"), py::arg("counter_ints"), py::arg("tokens"),
         py::arg("in_features"), py::arg("out_features"), py::arg("rank"), py::arg("dtype"),
-        py::arg("stream"),
+        py::arg("stream"), py::arg("d_bank") = py::none(), py::arg("adapter_index") = py::none(),
+        py::arg("n_adapters") = 0,
         "Decode plan, tokens <= DECODE_MAX_TOKENS: y = x·weightᵀ + ((x·V) ⊙ d)·Uᵀ + bias and z = x·V. "
         "workspace (workspace_floats fp32) and counters (counter_ints int32, zero at launch, left "
-        "zero) must hold at least decode_workspace_sizes() for the current device");
+        "zero) must hold at least decode_workspace_sizes() for the current device. Adapter bank: d "
+        "None, d_bank [n_adapters, rank] and adapter_index (int64 [tokens]): token t reads "
+        "d_bank[adapter_index[t]]");
   m.def("lowrank_gemm", &lowrank_gemm, py::arg("a1"), py::arg("b1"), py::arg("a2"), py::arg("b2"),
         py::arg("scale"), py::arg("bias"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K1"),
-        py::arg("K2"), py::arg("dtype"), py::arg("stream"),
-        "out[M, N] = a1[M, K1]·b1[K1, N] + (a2[M, K2] ⊙ scale[K2])·b2[K2, N] + bias[N]");
+        py::arg("K2"), py::arg("dtype"), py::arg("stream"), py::arg("scale_bank") = py::none(),
+        py::arg("scale_index") = py::none(), py::arg("n_adapters") = 0,
+        "out[M, N] = a1[M, K1]·b1[K1, N] + (a2[M, K2] ⊙ scale[K2])·b2[K2, N] + bias[N]; with "
+        "scale_bank [n_adapters, K2] and scale_index (int64 [M]) in place of scale, row m of a2 is "
+        "scaled by scale_bank[scale_index[m]]");
   m.def("coeff_and_bias_grads", &coeff_and_bias_grads, py::arg("z"), py::arg("g"), py::arg("dy"),
         py::arg("dd"), py::arg("dbias"), py::arg("tokens"), py::arg("rank"), py::arg("out_features"),
         py::arg("dtype"), py::arg("stream"),
         "dd = Σ_t z ⊙ g (fp32) and, when dy is given, dbias = Σ_t dy, in one launch");
+  m.def("bank_coeff_grads", &bank_coeff_grads, py::arg("z"), py::arg("g"), py::arg("order"), py::arg("starts"),
+        py::arg("dd"), py::arg("tokens"), py::arg("rank"), py::arg("n_adapters"), py::arg("dtype"),
+        py::arg("stream"),
+        "dd[a] = Σ_{t: idx_t = a} z_t ⊙ g_t (fp32, [n_adapters, rank], contiguous) from the tokens "
+        "sorted by adapter: order (int64 [tokens], a stable sort by idx) and starts (int64 "
+        "[n_adapters + 1], adapter a's tokens are order[starts[a]:starts[a + 1]]); fixed order");
 }

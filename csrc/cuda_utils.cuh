@@ -34,6 +34,11 @@ __device__ __forceinline__ float load_at(const T* ptr, int64_t r, int64_t c, int
   return to_float(ptr[r * s0 + c * s1]);
 }
 
+// Row a of an adapter bank [n, ...] for index value a, or -1 when a lies outside 0..n-1: the caller
+// then uses a NaN coefficient (bank_nan) and never reads outside the bank.
+__device__ __forceinline__ int64_t bank_row(int64_t a, int64_t n) { return (a >= 0 && a < n) ? a : -1; }
+__device__ __forceinline__ float bank_nan() { return __int_as_float(0x7fc00000); }
+
 // 16 bytes = kVec<T> consecutive elements, as floats. ptr must be 16-byte aligned.
 template <typename T> constexpr int kVec = 16 / sizeof(T);
 

@@ -6,6 +6,12 @@
 // Shapes: x [T, in], U [out, k], d [k], V [in, k], bias [out], weight [out, in].
 // Every matrix is given by a pointer and two element strides (any layout); offsets are int64.
 // Pointers are device addresses; the launchers only check them for null.
+//
+// Adapter banks: d may be a bank [n, k] with an int64 index idx [T]; token t then reads the row
+// d[idx_t] wherever d is applied (the decode plan's z ⊙ d, the GEMM's a2 ⊙ scale), and the bank's
+// gradient is dd[a] = Σ_{t: idx_t = a} z_t ⊙ g_t (launch_bank_coeff_grads). An index outside
+// 0..n-1 (the Python front end refuses those in eager mode, not under torch.compile) reads a NaN
+// coefficient instead of memory outside the bank, and its token adds to no row of dd.
 #pragma once
 
 #include <cstdint>
@@ -29,9 +35,12 @@ struct DecodeFwdParams {
   MatrixArg U;        // [out, k]
   MatrixArg V;        // [in, k]
   MatrixArg weight;   // [out, in]; ptr null in the pure form
-  const void* d = nullptr;     // [k], stride d_s
+  const void* d = nullptr;     // [k], stride d_s; or with idx a bank [n, k], strides d_s0, d_s
   const void* bias = nullptr;  // [out], stride bias_s; null for no bias
   int64_t d_s = 1, bias_s = 1;
+  // Adapter bank: null for one d [k]; else idx [T] (stride idx_s) picks token t's row of d [n, k].
+  const int64_t* idx = nullptr;
+  int64_t idx_s = 1, d_s0 = 0, n = 0;
   void* y = nullptr;  // [T, out], strides y_s0, y_s1
   void* z = nullptr;  // [T, k],   strides z_s0, z_s1
   int64_t y_s0 = 0, y_s1 = 0, z_s0 = 0, z_s1 = 0;
@@ -77,11 +86,15 @@ void launch_spectral_linear_decode_fwd(const DecodeFwdParams& p, void* stream);
 //           z  = x·V                                 (a2 absent)
 // backward: g  = dy·U;   dx = dy·weight + (g ⊙ d)·Vᵀ
 // Either product may be absent (a null pointer); scale and bias may be null.
+// With scale_index (adapter banks), scale is a bank [scale_rows, K2] and row m of a2 is scaled by
+// scale[scale_index[m]]: forward a2 = z, backward a2 = g, whose rows are tokens.
 struct LowRankGemmParams {
   MatrixArg a1, b1, a2, b2;
   const void* scale = nullptr;
   const void* bias = nullptr;
   int64_t scale_s = 1, bias_s = 1;
+  const int64_t* scale_index = nullptr;  // [M], stride scale_index_s; null: one scale [K2]
+  int64_t scale_index_s = 1, scale_s0 = 0, scale_rows = 0;
   void* out = nullptr;
   int64_t out_s0 = 0, out_s1 = 0;
   int64_t M = 0, N = 0, K1 = 0, K2 = 0;
@@ -104,6 +117,22 @@ struct CoeffBiasGradParams {
 };
 
 void launch_coeff_and_bias_grads(const CoeffBiasGradParams& p, void* stream);
+
+//   dd[a, j] = Σ_{t: idx_t = a} z[t, j]·g[t, j]   (fp32 out, [n, k]; 0 for an adapter no token has)
+// The tokens come sorted by adapter: order [T] is a stable sort of the tokens by idx, and adapter
+// a's tokens are order[starts[a] .. starts[a + 1]) (starts [n + 1]). One block per (adapter,
+// 32-column tile) sums its tokens in a fixed order: bitwise reproducible run to run, no atomics.
+struct BankCoeffGradParams {
+  MatrixArg z;   // [T, k]
+  MatrixArg g;   // [T, k]
+  const int64_t* order = nullptr;   // [T], contiguous
+  const int64_t* starts = nullptr;  // [n + 1], contiguous, non-decreasing
+  float* dd = nullptr;              // [n, k], contiguous
+  int64_t T = 0, k = 0, n = 0;
+  DType dtype = DType::kFloat32;
+};
+
+void launch_bank_coeff_grads(const BankCoeffGradParams& p, void* stream);
 
 // --- runtime queries (never throw) -----------------------------------------------------------------
 const char* compiled_archs();

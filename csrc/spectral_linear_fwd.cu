@@ -4,6 +4,10 @@
 //   mma plan (larger T)     out = a1·b1 + (a2 ⊙ scale)·b2 + bias, a tile GEMM on tensor cores
 //                           (WMMA, fp32 accumulate) for fp16/bf16 and fp32 FMA for fp32. The
 //                           backward reuses it (spectral_linear_bwd.cu).
+//
+// Adapter banks (d [n, k], an index per token): both plans gather token t's row d[idx_t] where
+// they apply d, the decode plan when it forms z ⊙ d, the mma plan when it loads a tile of a2 ⊙
+// scale; nothing else changes, and without an index the code path is the one-d path.
 #include <mma.h>
 
 #include <atomic>
@@ -279,7 +283,14 @@ __device__ void decode_z_block(const DecodeFwdParams& p, const DecodePlan& g, fl
     if (t < p.T && jj < p.k) {
       float sum = 0.f;
       for (int w = 0; w < kDecodeWarps; ++w) sum += red[(w * MAXT + t) * 32 + l];
-      zd[t * p.k + jj] = sum * to_float(d[jj * p.d_s]);
+      float coeff;
+      if (p.idx == nullptr) {
+        coeff = to_float(d[jj * p.d_s]);
+      } else {  // token t's row of the bank
+        const int64_t a = bank_row(p.idx[t * p.idx_s], p.n);
+        coeff = a >= 0 ? to_float(d[a * p.d_s0 + jj * p.d_s]) : bank_nan();
+      }
+      zd[t * p.k + jj] = sum * coeff;
       z[t * p.z_s0 + jj * p.z_s1] = from_float<scalar_t>(sum);
     }
   }
@@ -413,6 +424,17 @@ void launch_decode(const DecodeFwdParams& p, const DecodePlan& g, cudaStream_t s
 // to shared memory, then consumed; no cp.async pipeline yet.
 constexpr int kBM = 64, kBN = 64;
 
+// The rows of a bank of scales (adapter banks), or none (index null): a2's row m is scaled by
+// scale[scale_index[m]].
+__device__ __forceinline__ TileScaleBank scale_bank(const LowRankGemmParams& p) {
+  TileScaleBank b;
+  b.index = p.scale_index;
+  b.index_s = p.scale_index_s;
+  b.s0 = p.scale_s0;
+  b.rows = p.scale_rows;
+  return b;
+}
+
 // --- fp16 / bf16: WMMA 16×16×16 fragments, 4 warps as 2×2, 32×32 per warp ---------------------------
 constexpr int kMmaBK = 32;
 constexpr int kMmaThreads = 128;
@@ -444,9 +466,10 @@ __global__ void __launch_bounds__(kMmaThreads) lowrank_gemm_mma_kernel(const Low
     const scalar_t* A = static_cast<const scalar_t*>(a.ptr);
     const scalar_t* B = static_cast<const scalar_t*>(b.ptr);
     const scalar_t* scale = seg == 1 ? static_cast<const scalar_t*>(p.scale) : nullptr;
+    const TileScaleBank bank = scale_bank(p);
     for (int64_t k0 = 0; k0 < K; k0 += kMmaBK) {
       load_tile<scalar_t, scalar_t, kBM, kMmaBK, kLdA, false>(As, A, a.s0, a.s1, m0, k0, p.M, K,
-                                                              scale, p.scale_s);
+                                                              scale, p.scale_s, bank);
       load_tile<scalar_t, scalar_t, kMmaBK, kBN, kLdB, false>(Bs, B, b.s0, b.s1, k0, n0, K, p.N,
                                                               nullptr, 0);
       __syncthreads();
@@ -509,8 +532,10 @@ __global__ void __launch_bounds__(kFmaThreads) lowrank_gemm_fma_kernel(const Low
     const float* A = static_cast<const float*>(a.ptr);
     const float* B = static_cast<const float*>(b.ptr);
     const float* scale = seg == 1 ? static_cast<const float*>(p.scale) : nullptr;
+    const TileScaleBank bank = scale_bank(p);
     for (int64_t k0 = 0; k0 < K; k0 += kFmaBK) {
-      load_tile<float, float, kBM, kFmaBK, kLdF, true>(As, A, a.s0, a.s1, m0, k0, p.M, K, scale, p.scale_s);
+      load_tile<float, float, kBM, kFmaBK, kLdF, true>(As, A, a.s0, a.s1, m0, k0, p.M, K, scale, p.scale_s,
+                                                       bank);
       load_tile<float, float, kFmaBK, kBN, kLdF, false>(Bs, B, b.s0, b.s1, k0, n0, K, p.N, nullptr, 0);
       __syncthreads();
       // Two-level sum: each kFmaBK-long chain starts from zero and is then added to acc with
@@ -634,6 +659,10 @@ void launch_spectral_linear_decode_fwd(const DecodeFwdParams& p, void* stream_ha
   SK_CHECK_ARG(p.z != nullptr, "z", "null device pointer");
   SK_CHECK_ARG(p.workspace != nullptr, "workspace", "null device pointer");
   SK_CHECK_ARG(p.counters != nullptr, "counters", "null device pointer");
+  if (p.idx != nullptr) {
+    SK_CHECK_ARG(p.n > 0, "adapter_index", "needs a bank d of n > 0 rows, got n = " + std::to_string(p.n));
+    SK_CHECK_ARG(p.idx_s >= 0 && p.d_s0 >= 0, "adapter_index", "strides must be non-negative");
+  }
   // The plan of the device the launch goes to (the current one): the same function as
   // decode_workspace_sizes, so a workspace sized for this device fits; one that does not is refused.
   int device = 0;
@@ -668,6 +697,12 @@ void launch_lowrank_gemm(const LowRankGemmParams& p, void* stream_handle) {
   SK_CHECK_ARG(p.out != nullptr, "out", "null device pointer");
   SK_CHECK_ARG(p.a1.ptr == nullptr || p.b1.ptr != nullptr, "b1", "null device pointer with a1 given");
   SK_CHECK_ARG(p.a2.ptr == nullptr || p.b2.ptr != nullptr, "b2", "null device pointer with a2 given");
+  if (p.scale_index != nullptr) {
+    SK_CHECK_ARG(p.scale != nullptr, "scale_index", "given without a bank of scales");
+    SK_CHECK_ARG(p.scale_rows > 0, "scale_index",
+                 "needs a bank of n > 0 rows, got n = " + std::to_string(p.scale_rows));
+    SK_CHECK_ARG(p.scale_index_s >= 0 && p.scale_s0 >= 0, "scale_index", "strides must be non-negative");
+  }
   const int64_t m_tiles = ceil_div(p.M, kBM), n_tiles = ceil_div(p.N, kBN);
   SK_CHECK_ARG(m_tiles <= INT_MAX, "M", "too many rows for one launch");
   SK_CHECK_ARG(n_tiles <= 65535, "N", "too many columns for one launch");

@@ -180,7 +180,7 @@ def resolve_backend(
     where a Triton plan measured faster to "triton"; the rest to "torch", whose products run on
     cuBLAS. ``bank`` (d is an adapter bank [n, k] with a per-token index): "auto" picks torch,
     the only bank backend measured so far (triton's fold plan, the one "auto" takes on CUDA, cannot
-    apply a per-token d, and the cuda backend has no bank plans).
+    apply a per-token d; the bank plans of triton and cuda have not been timed on a GPU).
 
     Raises:
         BackendUnavailableError: an explicitly requested backend cannot run here; the message

@@ -118,3 +118,38 @@ def check_backend_direct(fwd, bwd, x2d, U, d, V, bias, weight, dy2d):
     for key in ("y", "z", "dx", "dd", "g"):
         err, plain_err = rel_err(ours[key], exact[key]), rel_err(plain[key], exact[key])
         assert err <= 2 * plain_err + floor, f"{key}: {err:.3e} > 2 × {plain_err:.3e}"
+
+
+# --- adapter banks ---------------------------------------------------------------------------------
+def make_bank_operands(lead, in_f, out_f, k, n, *, seed=0, device="cpu", bias=True, weight=True) -> Operands:
+    """make_operands with d a bank [n, k] (float64), seeded."""
+    torch.manual_seed(seed)
+    ops = make_operands(lead, in_f, out_f, k, device=device, bias=bias, weight=weight)
+    ops.d = torch.randn(n, k, dtype=torch.float64, device=device)
+    return ops
+
+
+def _bank_run(fn, ops: Operands, dtype, grads, dy, idx) -> dict[str, Tensor]:
+    c = ops.cast(dtype, grads)
+    y = fn(*c.as_tuple(), adapter_index=idx)
+    y.backward(dy.to(y.dtype))
+    out = {"y": y.detach()}
+    for g in grads:
+        out["d" + g] = getattr(c, g).grad
+    return out
+
+
+def assert_bank_matches_reference(fn, ops: Operands, dtype, idx, grads=("x", "d", "bias")) -> dict[str, Tensor]:
+    """The 2x rule with a bank: ``fn(x, U, d, V, bias, weight, adapter_index=idx)`` in ``dtype``
+    against the float64 reference, within 2x plain torch in ``dtype`` + a floor. Returns ours."""
+    y_shape = ops.x.shape[:-1] + (ops.U.shape[0],)
+    dy = torch.randn(y_shape, dtype=torch.float64, device=ops.x.device)
+    exact = _bank_run(spectral_linear_ref, ops, torch.float64, grads, dy, idx)
+    plain = _bank_run(spectral_linear_ref, ops, dtype, grads, dy, idx)
+    ours = _bank_run(fn, ops, dtype, grads, dy, idx)
+    floor = torch.finfo(dtype).eps / 8
+    for key, ref in exact.items():
+        assert ours[key].shape == ref.shape and ours[key].dtype == dtype, key
+        err, plain_err = rel_err(ours[key], ref), rel_err(plain[key], ref)
+        assert err <= 2 * plain_err + floor, f"{key} {dtype}: {err:.3e} > 2 x {plain_err:.3e}"
+    return ours

@@ -108,6 +108,34 @@ def test_wrapper_checks_dtypes_and_shapes():
 
 
 @needs_ext
+def test_bindings_check_bank_arguments_before_any_device_call():
+    """The adapter-bank arguments of _C (bank matrix, int64 index vector, n) are checked in the
+    bindings, naming the argument, before anything asks the driver (no GPU needed)."""
+    C = _ext.extension()
+    mat, vec = (1, 1, 1), (1, 1)
+    gemm = (None, None, mat, mat)
+    with pytest.raises(ValueError, match="^scale_index: the bank scale_bank and scale_index go together"):
+        C.lowrank_gemm(*gemm, None, None, mat, 4, 4, 0, 4, 1, 0, scale_bank=mat)
+    with pytest.raises(ValueError, match="^scale: give scale or scale_bank"):
+        C.lowrank_gemm(*gemm, vec, None, mat, 4, 4, 0, 4, 1, 0, scale_bank=mat, scale_index=vec, n_adapters=2)
+    with pytest.raises(ValueError, match="^scale_index: null device pointer"):
+        C.lowrank_gemm(*gemm, None, None, mat, 4, 4, 0, 4, 1, 0, scale_bank=mat, scale_index=(0, 1), n_adapters=2)
+    with pytest.raises(ValueError, match="^n_adapters: must be positive"):
+        C.lowrank_gemm(*gemm, None, None, mat, 4, 4, 0, 4, 1, 0, scale_bank=mat, scale_index=vec, n_adapters=0)
+    decode = (mat, mat, None, mat, None, None, mat, mat, 1, 1, 10, 10, 3, 8, 5, 2, 0, 0)
+    with pytest.raises(ValueError, match="^d: required, got None"):
+        C.spectral_linear_decode_fwd(*decode)
+    with pytest.raises(ValueError, match="^adapter_index: the bank d_bank and adapter_index go together"):
+        C.spectral_linear_decode_fwd(*decode, d_bank=mat)
+    with pytest.raises(ValueError, match="^d: give d"):
+        C.spectral_linear_decode_fwd(*(decode[:2] + (vec,) + decode[3:]), d_bank=mat, adapter_index=vec, n_adapters=2)
+    with pytest.raises(ValueError, match="^order: null device pointer"):
+        C.bank_coeff_grads(mat, mat, 0, 1, 1, 4, 4, 2, 0, 0)
+    with pytest.raises(ValueError, match="^adapter_index: needs a bank of n > 0 rows"):
+        C.bank_coeff_grads(mat, mat, 1, 1, 1, 4, 4, 0, 0, 0)
+
+
+@needs_ext
 def test_fakes_give_output_shapes():
     m = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
     y, z = torch.ops.spectral_kernels.cuda_decode_forward(m(3, 8), m(5, 2), m(2), m(8, 2), m(5), m(5, 8))

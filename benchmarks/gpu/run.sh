@@ -7,8 +7,9 @@
 #             failure here), then the Triton test file on CUDA
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over a reduced selection of the
 #             cuda-backend tests
-#   bench     the goal benchmarks (benchmarks/gpu/bench_goals.py) and the truncated SVD on a
-#             7B-class model (benchmarks/gpu/bench_svd_7b.py)
+#   bench     the goal benchmarks (benchmarks/gpu/bench_goals.py), the truncated SVD on a
+#             7B-class model (benchmarks/gpu/bench_svd_7b.py) and adapter banks on the torch, triton
+#             and cuda backends, bf16, T = 1024 and T = 16 (benchmarks/bench_adapter_banks.py)
 #   tune      the plan and tile measurements behind ops/plans.py (benchmarks/gpu/tune_plans.py)
 #
 # Made for a fresh GPU machine with python3, torch, triton, nvcc, cmake, ninja, pybind11, peft,
@@ -68,12 +69,13 @@ run_sanitize() {
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   # Every tensor its own cudaMalloc, so that memcheck sees the true bounds of each buffer.
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  local sel='test_cuda_decode_edges or test_cuda_strided or test_cuda_padded or test_cuda_decode_workspace or (test_coeff_and_bias_grads and dtype2) or (test_cuda_matches_reference and dtype1)'
+  local sel='test_cuda_decode_edges or test_cuda_strided or test_cuda_padded or test_cuda_decode_workspace or (test_coeff_and_bias_grads and dtype2) or (test_cuda_matches_reference and dtype1) or test_cuda_bank_edges'
   : >"$out/summary_sanitize.md"
   for tool in memcheck racecheck synccheck; do
     local t0=$SECONDS
     timeout 60 "$cs" --tool "$tool" --kernel-name kns=spectral_kernels --error-exitcode 99 --print-limit 20 \
-      "$py" -m pytest -q -x -p no:cacheprovider tests/ops/test_spectral_linear_cuda.py -k "$sel" \
+      "$py" -m pytest -q -x -p no:cacheprovider tests/ops/test_spectral_linear_cuda.py \
+      tests/ops/test_spectral_linear_cuda_banks.py -k "$sel" \
       >"$out/sanitize_$tool.log" 2>&1
     local rc=$?
     local errors
@@ -88,6 +90,14 @@ run_bench() {
   timeout 300 "$py" benchmarks/gpu/bench_goals.py --out "$out" 2>&1 | tee "$out/bench_goals.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   timeout 240 "$py" benchmarks/gpu/bench_svd_7b.py --out "$out" 2>&1 | tee "$out/bench_svd_7b.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # Adapter banks: one JSON line per (N, backend) in the log as it goes, the JSON file at the end.
+  local banks="--device cuda --dtype bfloat16 --backends torch,triton,cuda"
+  timeout 240 "$py" benchmarks/bench_adapter_banks.py $banks --out "$out/adapter_banks_cuda.json" 2>&1 \
+    | tee "$out/bench_adapter_banks.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  timeout 180 "$py" benchmarks/bench_adapter_banks.py $banks --batch 16 --seq 1 \
+    --out "$out/adapter_banks_cuda_decode.json" 2>&1 | tee "$out/bench_adapter_banks_decode.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 }
 

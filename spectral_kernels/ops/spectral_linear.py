@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from spectral_kernels.backends import BackendUnavailableError, resolve_backend
+from spectral_kernels.backends import resolve_backend
 from spectral_kernels.ops._checks import check_adapter_index_values, check_spectral_linear_args
 from spectral_kernels.ops.reference import (
     lowrank_coeff_grad_ref,
@@ -152,7 +152,7 @@ def _gradients(ctx, dy, backward_op):
     elif needs_d or needs_V:
         g = _flat(dy) @ U
         if needs_d:
-            dd = lowrank_coeff_grad_ref(_flat(z), g, idx, d.shape[0] if idx is not None else None).to(d.dtype)
+            dd = _coeff_grad(ctx.backend, _flat(z), g, idx, d).to(d.dtype)
     db = _flat(dy).sum(0) if needs_bias else None
     if needs_U or needs_V:
         dt = d[idx] if idx is not None else d  # per-token rows of a bank: [T, k] (torch glue only)
@@ -161,6 +161,16 @@ def _gradients(ctx, dy, backward_op):
     else:
         dU = dV = None
     return dx, dU, dd if needs_d else None, dV, db
+
+
+def _coeff_grad(backend: str, z: Tensor, g: Tensor, idx: Optional[Tensor], d: Tensor) -> Tensor:
+    """dd alone (x needs no gradient). A bank on the cuda backend takes its deterministic
+    per-adapter reduction: torch's index_add_ uses atomics on CUDA."""
+    if idx is not None and backend == "cuda":
+        from spectral_kernels.ops.spectral_linear_cuda import bank_coeff_grads
+
+        return bank_coeff_grads(z, g, idx, d.shape[0])
+    return lowrank_coeff_grad_ref(z, g, idx, d.shape[0] if idx is not None else None)
 
 
 def _backward(ctx, dy, _dz):
@@ -234,9 +244,9 @@ def spectral_linear(
 
     With a bank, every d above reads the token's row d[idx_t], and the bank's gradient is the
     scatter-add ``dd[i] = Σ_{t: idx_t = i} z_t ⊙ g_t`` ([n, k]; rows no token picked are exactly
-    zero). Banks run on torch (gather + index_add_) and triton (row gathers in the kernels, a
-    deterministic per-adapter reduction); "auto" sends them to torch, and the cuda backend refuses
-    them. A bank of one row is the plain path with d[0], bit for bit.
+    zero). Banks run on torch (gather + index_add_), triton and cuda (row gathers in the kernels,
+    a deterministic per-adapter reduction); "auto" sends them to torch, the only bank backend
+    measured so far. A bank of one row is the plain path with d[0], bit for bit.
     """
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
     if torch.is_autocast_enabled(device_type):
@@ -260,10 +270,6 @@ def spectral_linear(
     extra = {"bank": True} if bank else {}
     forward_backend = resolve_backend(backend, x.device, x.dtype, shape, "forward", delta, **extra)
     backward_backend = resolve_backend(backend, x.device, x.dtype, shape, "backward", delta, **extra)
-    if bank and "cuda" in (forward_backend, backward_backend):
-        raise BackendUnavailableError(
-            "backend 'cuda' does not take adapter_index (adapter banks): its decode and GEMM plans apply "
-            "one d [k] to every token; use backend='triton' or 'torch' (or 'auto') for a bank d [n, k]")
     args = (x, U, d, V, bias, weight, adapter_index, forward_backend, backward_backend)
     if compiling:
         y, _ = _spectral_linear_op(*args)

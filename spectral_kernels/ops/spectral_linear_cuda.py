@@ -15,10 +15,22 @@ Layers, in reading order:
                                                fp32 FMA for fp32 (the fused low-rank plan);
    ``spectral_kernels::cuda_coeff_and_bias_grads``  dd = Σ_T z ⊙ g (fp32) and dbias = Σ_T dy, one
                                                launch, fixed summation order;
+   ``spectral_kernels::cuda_bank_coeff_grads``  the bank gradient dd [n, k] (fp32): tokens sorted by
+                                               adapter on the device (stable argsort), then one
+                                               block per (adapter, column tile) sums its tokens in a
+                                               fixed order: bitwise reproducible, no atomics;
 
 3. the backend functions called by ``ops/spectral_linear.py`` (flattened tokens, T rows):
    :func:`spectral_linear_fwd_cuda`, :func:`spectral_linear_bwd_cuda`, and the plan choice
    :func:`prefers_cuda` used by the "auto" backend.
+
+Adapter banks (d [n, k] with ``idx`` [T], int64, one adapter per token): the decode plan and the
+GEMM gather token t's row d[idx_t] where they apply d (no [T, k] tensor of coefficients is
+formed), and the bank gradient is the per-adapter reduction above. The bank, the index (a device
+pointer with its stride) and n cross the C ABI like every other operand, after the checks of
+:func:`_check_bank`. An index value outside 0..n-1 (the front end refuses those in eager mode, not
+under torch.compile) gives NaN outputs for its token and adds to no row of dd: no read outside
+the bank. Compiled for sm_90 but not yet run on a GPU.
 
 The kernels take device pointers, sizes, element strides, a dtype code and the current stream
 (torch.cuda.current_stream().cuda_stream); ``_C`` links no torch. A CUDA error comes back as a
@@ -76,6 +88,36 @@ def _check_operands(op: str, tensors: dict[str, Optional[Tensor]], *, on_device:
 def _check_shape(op: str, name: str, t: Optional[Tensor], shape: tuple[int, ...]) -> None:
     if t is not None and tuple(t.shape) != shape:
         raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_bank(op: str, d: Tensor, idx: Optional[Tensor], rows: int, rows_name: str,
+                cols: int, device: Optional[torch.device]) -> Optional[int]:
+    """With ``idx`` None: nothing (d is checked as one vector elsewhere). Else d must be a bank
+    [n, cols] with n >= 1 and idx as :func:`_check_index` wants. Returns n."""
+    if idx is None:
+        return None
+    _check_index(op, idx, rows, rows_name, device)
+    if d.dim() != 2 or d.shape[0] < 1 or d.shape[1] != cols:
+        raise ValueError(f"{op}: with adapter_index, d must be a bank (n, {cols}) with n >= 1, "
+                         f"got shape {tuple(d.shape)}")
+    return d.shape[0]
+
+
+def _check_index(op: str, idx: Tensor, rows: int, rows_name: str, device: Optional[torch.device]) -> None:
+    """idx: an int64 vector of ``rows`` values (one per row of ``rows_name``) with a non-negative
+    stride, on ``device`` (None: not checked, for the fakes)."""
+    if not isinstance(idx, Tensor):
+        raise TypeError(f"{op}: adapter_index must be a torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype != torch.int64:
+        raise TypeError(f"{op}: adapter_index must have dtype torch.int64 (the kernels read int64), "
+                        f"got {idx.dtype}")
+    if idx.dim() != 1 or idx.shape[0] != rows:
+        raise ValueError(f"{op}: adapter_index must have shape ({rows},), one index per row of "
+                         f"{rows_name}, got {tuple(idx.shape)}")
+    if idx.stride(0) < 0:
+        raise ValueError(f"{op}: adapter_index has a negative stride {idx.stride()}")
+    if device is not None and idx.device != device:
+        raise ValueError(f"{op}: adapter_index is on {idx.device} but the operands are on {device}")
 
 
 def _mat(t: Optional[Tensor]):
@@ -176,7 +218,7 @@ def _decode_workspace(device: torch.device, n_float: int, n_int: int) -> tuple[T
 
 
 # --- 2. custom ops -----------------------------------------------------------------------------------
-def _decode_shapes(x, U, d, V, bias, weight, on_device):
+def _decode_shapes(x, U, d, V, bias, weight, idx, on_device):
     op = "cuda_decode_forward"
     _check_operands(op, {"x": x, "U": U, "d": d, "V": V, "bias": bias, "weight": weight}, on_device=on_device)
     if x.dim() != 2 or U.dim() != 2 or V.dim() != 2:
@@ -184,7 +226,8 @@ def _decode_shapes(x, U, d, V, bias, weight, on_device):
     tokens, n_in = x.shape
     n_out, k = U.shape
     _check_shape(op, "V", V, (n_in, k))
-    _check_shape(op, "d", d, (k,))
+    if _check_bank(op, d, idx, tokens, "x", k, x.device if on_device else None) is None:
+        _check_shape(op, "d", d, (k,))
     _check_shape(op, "bias", bias, (n_out,))
     _check_shape(op, "weight", weight, (n_out, n_in))
     if not 1 <= tokens <= DECODE_MAX_TOKENS:
@@ -196,10 +239,14 @@ def _decode_shapes(x, U, d, V, bias, weight, on_device):
 
 @torch.library.custom_op("spectral_kernels::cuda_decode_forward", mutates_args=())
 def _cuda_decode_forward(
-    x: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Optional[Tensor], weight: Optional[Tensor]
+    x: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Optional[Tensor], weight: Optional[Tensor],
+    adapter_index: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Decode plan: (y [T, out], z [T, k]) for T <= 16 in one launch."""
-    tokens, n_in, n_out, k = _decode_shapes(x, U, d, V, bias, weight, on_device=True)
+    """Decode plan: (y [T, out], z [T, k]) for T <= 16 in one launch. With ``adapter_index``
+    (int64 [T]), d is a bank [n, k] and token t reads d[adapter_index[t]]."""
+    tokens, n_in, n_out, k = _decode_shapes(x, U, d, V, bias, weight, adapter_index, on_device=True)
+    bank = {} if adapter_index is None else {
+        "d_bank": _mat(d), "adapter_index": _vec(adapter_index), "n_adapters": d.shape[0]}
     C = _ext.extension()
     y = x.new_empty(tokens, n_out)
     z = x.new_empty(tokens, k)
@@ -207,20 +254,20 @@ def _cuda_decode_forward(
         n_float, n_int = C.decode_workspace_sizes(tokens, n_in, k, x.device.index)
         workspace, counters = _decode_workspace(x.device, n_float, n_int)  # cached per stream
         C.spectral_linear_decode_fwd(
-            _mat(x), _mat(U), _vec(d), _mat(V), _vec(bias), _mat(weight), _mat(y), _mat(z),
-            workspace.data_ptr(), counters.data_ptr(), workspace.numel(), counters.numel(),
-            tokens, n_in, n_out, k, DTYPE_CODES[x.dtype], _stream(x.device),
+            _mat(x), _mat(U), _vec(d) if adapter_index is None else None, _mat(V), _vec(bias), _mat(weight),
+            _mat(y), _mat(z), workspace.data_ptr(), counters.data_ptr(), workspace.numel(), counters.numel(),
+            tokens, n_in, n_out, k, DTYPE_CODES[x.dtype], _stream(x.device), **bank,
         )
     return y, z
 
 
 @_cuda_decode_forward.register_fake
-def _(x, U, d, V, bias, weight):
-    tokens, _, n_out, k = _decode_shapes(x, U, d, V, bias, weight, on_device=False)
+def _(x, U, d, V, bias, weight, adapter_index=None):
+    tokens, _, n_out, k = _decode_shapes(x, U, d, V, bias, weight, adapter_index, on_device=False)
     return x.new_empty(tokens, n_out), x.new_empty(tokens, k)
 
 
-def _gemm_shapes(a1, b1, a2, b2, scale, bias, on_device):
+def _gemm_shapes(a1, b1, a2, b2, scale, bias, scale_index, on_device):
     op = "cuda_lowrank_gemm"
     _check_operands(op, {"a1": a1, "b1": b1, "a2": a2, "b2": b2, "scale": scale, "bias": bias},
                     on_device=on_device)
@@ -230,6 +277,8 @@ def _gemm_shapes(a1, b1, a2, b2, scale, bias, on_device):
         raise ValueError(f"{op}: at least one product a1·b1 or a2·b2 is needed")
     if scale is not None and a2 is None:
         raise ValueError(f"{op}: scale applies to a2, which is absent")
+    if scale_index is not None and scale is None:
+        raise ValueError(f"{op}: adapter_index (scale_index) needs a bank of scales [n, K2]")
     for name, t in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2)):
         if t is not None and t.dim() != 2:
             raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
@@ -240,7 +289,9 @@ def _gemm_shapes(a1, b1, a2, b2, scale, bias, on_device):
     _check_shape(op, "a2", a2, (M, K2))
     _check_shape(op, "b1", b1, (K1, N))
     _check_shape(op, "b2", b2, (K2, N))
-    _check_shape(op, "scale", scale, (K2,))
+    device = (a1 if a1 is not None else a2).device if on_device else None
+    if _check_bank(op, scale, scale_index, M, "a2", K2, device) is None:
+        _check_shape(op, "scale", scale, (K2,))
     _check_shape(op, "bias", bias, (N,))
     return M, N, K1, K2
 
@@ -248,10 +299,12 @@ def _gemm_shapes(a1, b1, a2, b2, scale, bias, on_device):
 @torch.library.custom_op("spectral_kernels::cuda_lowrank_gemm", mutates_args=())
 def _cuda_lowrank_gemm(
     a1: Optional[Tensor], b1: Optional[Tensor], a2: Optional[Tensor], b2: Optional[Tensor],
-    scale: Optional[Tensor], bias: Optional[Tensor],
+    scale: Optional[Tensor], bias: Optional[Tensor], scale_index: Optional[Tensor] = None,
 ) -> Tensor:
-    """out[M, N] = a1[M, K1]·b1[K1, N] + (a2[M, K2] ⊙ scale[K2])·b2[K2, N] + bias[N]."""
-    M, N, K1, K2 = _gemm_shapes(a1, b1, a2, b2, scale, bias, on_device=True)
+    """out[M, N] = a1[M, K1]·b1[K1, N] + (a2[M, K2] ⊙ scale[K2])·b2[K2, N] + bias[N]. With
+    ``scale_index`` (int64 [M]), scale is a bank [n, K2] and row m of a2 is scaled by
+    scale[scale_index[m]]."""
+    M, N, K1, K2 = _gemm_shapes(a1, b1, a2, b2, scale, bias, scale_index, on_device=True)
     C = _ext.extension()
     ref = a1 if a1 is not None else a2
     if M == 0 or N == 0 or K1 + K2 == 0:  # nothing for a kernel to do
@@ -260,19 +313,21 @@ def _cuda_lowrank_gemm(
     if K1 == 0:
         a1 = b1 = None
     if K2 == 0:
-        a2 = b2 = scale = None
+        a2 = b2 = scale = scale_index = None
+    bank = {} if scale_index is None else {
+        "scale_bank": _mat(scale), "scale_index": _vec(scale_index), "n_adapters": scale.shape[0]}
     out = ref.new_empty(M, N)
     with torch.cuda.device(ref.device):
         C.lowrank_gemm(
-            _mat(a1), _mat(b1), _mat(a2), _mat(b2), _vec(scale), _vec(bias), _mat(out),
-            M, N, K1, K2, DTYPE_CODES[ref.dtype], _stream(ref.device),
+            _mat(a1), _mat(b1), _mat(a2), _mat(b2), _vec(scale) if scale_index is None else None,
+            _vec(bias), _mat(out), M, N, K1, K2, DTYPE_CODES[ref.dtype], _stream(ref.device), **bank,
         )
     return out
 
 
 @_cuda_lowrank_gemm.register_fake
-def _(a1, b1, a2, b2, scale, bias):
-    M, N, _, _ = _gemm_shapes(a1, b1, a2, b2, scale, bias, on_device=False)
+def _(a1, b1, a2, b2, scale, bias, scale_index=None):
+    M, N, _, _ = _gemm_shapes(a1, b1, a2, b2, scale, bias, scale_index, on_device=False)
     return (a1 if a1 is not None else a2).new_empty(M, N)
 
 
@@ -311,6 +366,47 @@ def _(z, g, dy):
     return z.new_empty(k, dtype=torch.float32), z.new_empty(n_out)
 
 
+def _bank_grads_shapes(z, g, adapter_index, n, on_device):
+    op = "cuda_bank_coeff_grads"
+    _check_operands(op, {"z": z, "g": g}, on_device=on_device)
+    if z.dim() != 2:
+        raise ValueError(f"{op}: z must be 2-D [T, k], got shape {tuple(z.shape)}")
+    tokens, k = z.shape
+    _check_shape(op, "g", g, (tokens, k))
+    if n < 1:
+        raise ValueError(f"{op}: n (rows of the bank) must be positive, got {n}")
+    _check_index(op, adapter_index, tokens, "z", z.device if on_device else None)
+    return tokens, k
+
+
+@torch.library.custom_op("spectral_kernels::cuda_bank_coeff_grads", mutates_args=())
+def _cuda_bank_coeff_grads(z: Tensor, g: Tensor, adapter_index: Tensor, n: int) -> Tensor:
+    """dd [n, k] float32: row a = Σ over the tokens t with adapter_index[t] = a of z_t ⊙ g_t, zero
+    where no token has a. The tokens are sorted by adapter on the device (a stable argsort, so the
+    order, and every sum over it, is a function of the index alone), segment starts found by
+    searchsorted (no atomics, no host sync); the kernel sums each segment in a fixed order."""
+    tokens, k = _bank_grads_shapes(z, g, adapter_index, n, on_device=True)
+    dd = torch.zeros(n, k, dtype=torch.float32, device=z.device)
+    if tokens == 0 or k == 0:
+        return dd
+    sorted_idx, order = torch.sort(adapter_index, stable=True)
+    bounds = torch.arange(n + 1, dtype=torch.int64, device=z.device)
+    starts = torch.searchsorted(sorted_idx, bounds)  # adapter a: order[starts[a]:starts[a + 1]]
+    C = _ext.extension()
+    with torch.cuda.device(z.device):
+        C.bank_coeff_grads(
+            _mat(z), _mat(g), order.data_ptr(), starts.data_ptr(), dd.data_ptr(),
+            tokens, k, n, DTYPE_CODES[z.dtype], _stream(z.device),
+        )
+    return dd
+
+
+@_cuda_bank_coeff_grads.register_fake
+def _(z, g, adapter_index, n):
+    _, k = _bank_grads_shapes(z, g, adapter_index, n, on_device=False)
+    return z.new_empty(n, k, dtype=torch.float32)
+
+
 # --- 3. backend functions ----------------------------------------------------------------------------
 def prefers_cuda(tokens: int, in_features: int, out_features: int, k: int, dtype: torch.dtype) -> bool:
     """Whether "auto" should run this forward on the cuda backend: a kernel dtype and a shape whose
@@ -322,14 +418,6 @@ def prefers_cuda(tokens: int, in_features: int, out_features: int, k: int, dtype
     return dtype in DTYPE_CODES and decode_wins(tokens, in_features, out_features, k)
 
 
-def _refuse_bank(idx: Tensor | None) -> None:
-    if idx is not None:
-        from spectral_kernels.backends import BackendUnavailableError
-
-        raise BackendUnavailableError(
-            "backend 'cuda' does not take adapter_index (adapter banks d [n, k]); use 'triton' or 'torch'")
-
-
 def spectral_linear_fwd_cuda(
     x2d: Tensor, U: Tensor, d: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None,
     idx: Tensor | None = None,
@@ -337,25 +425,27 @@ def spectral_linear_fwd_cuda(
     """Forward on flattened tokens: y = x·weightᵀ + ((x·V) ⊙ d)·Uᵀ + bias, z = x·V.
 
     Args:
-        x2d: ``[T, in]``, any strides. U: ``[out, k]``. d: ``[k]``. V: ``[in, k]``.
-        bias: ``[out]`` or None. weight: ``[out, in]`` or None (pure form).
+        x2d: ``[T, in]``, any strides. U: ``[out, k]``. d: ``[k]``, or a bank ``[n, k]`` with idx.
+        V: ``[in, k]``. bias: ``[out]`` or None. weight: ``[out, in]`` or None (pure form).
+        idx: None, or ``[T]`` int64 on x's device: token t computes with d[idx[t]].
 
     Returns:
         (y ``[T, out]``, z ``[T, k]``) in x's dtype. T <= 16 runs the decode plan (one launch);
-        larger T computes z, then y with the dense and low-rank products in one accumulator.
+        larger T computes z, then y with the dense and low-rank products in one accumulator. A
+        bank's rows are gathered where d is applied, in both plans.
     """
-    _refuse_bank(idx)
-    _check_operands("spectral_linear_fwd_cuda",
-                    {"x": x2d, "U": U, "d": d, "V": V, "bias": bias, "weight": weight})
+    op = "spectral_linear_fwd_cuda"
+    _check_operands(op, {"x": x2d, "U": U, "d": d, "V": V, "bias": bias, "weight": weight})
     tokens, n_in = x2d.shape
     n_out, k = U.shape
+    _check_bank(op, d, idx, tokens, "x", k, x2d.device)
     if 0 in (tokens, n_in, n_out, k):  # empty products: nothing for a kernel to do
-        return spectral_linear_fwd_ref(x2d, U, d, V, bias, weight)
+        return spectral_linear_fwd_ref(x2d, U, d, V, bias, weight, idx)
     if tokens <= DECODE_MAX_TOKENS:
-        return _cuda_decode_forward(x2d, U, d, V, bias, weight)
+        return _cuda_decode_forward(x2d, U, d, V, bias, weight, idx)
     z = _cuda_lowrank_gemm(x2d, V, None, None, None, None)
     wt = weight.t() if weight is not None else None
-    y = _cuda_lowrank_gemm(x2d if weight is not None else None, wt, z, U.t(), d, bias)
+    y = _cuda_lowrank_gemm(x2d if weight is not None else None, wt, z, U.t(), d, bias, idx)
     return y, z
 
 
@@ -365,19 +455,26 @@ def spectral_linear_bwd_cuda(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward on flattened tokens: g = dy·U, dx = dy·weight + (g ⊙ d)·Vᵀ, dd = Σ_T z ⊙ g.
 
+    With a bank d ``[n, k]`` and idx ``[T]`` (int64): dx uses d[idx[t]] for token t (gathered in
+    the GEMM's tile loads) and dd ``[n, k]`` is the per-adapter sum of z ⊙ g (rows no token
+    picked exactly zero), deterministic (:func:`_cuda_bank_coeff_grads`).
+
     Returns:
-        (dx ``[T, in]``, dd ``[k]`` in d's dtype, accumulated in fp32, g ``[T, k]``).
+        (dx ``[T, in]``, dd ``[k]`` (or ``[n, k]``) in d's dtype, accumulated in fp32, g ``[T, k]``).
     """
-    _refuse_bank(idx)
-    _check_operands("spectral_linear_bwd_cuda",
-                    {"dy": dy2d, "z": z, "U": U, "d": d, "V": V, "weight": weight})
+    op = "spectral_linear_bwd_cuda"
+    _check_operands(op, {"dy": dy2d, "z": z, "U": U, "d": d, "V": V, "weight": weight})
     tokens, n_out = dy2d.shape
     n_in, k = V.shape
+    _check_bank(op, d, idx, tokens, "dy", k, dy2d.device)
     if 0 in (tokens, n_in, n_out, k):
-        return spectral_linear_bwd_ref(dy2d, z, U, d, V, weight)
+        return spectral_linear_bwd_ref(dy2d, z, U, d, V, weight, idx)
     g = _cuda_lowrank_gemm(dy2d, U, None, None, None, None)
-    dx = _cuda_lowrank_gemm(dy2d if weight is not None else None, weight, g, V.t(), d, None)
-    dd, _ = _cuda_coeff_and_bias_grads(z, g, None)
+    dx = _cuda_lowrank_gemm(dy2d if weight is not None else None, weight, g, V.t(), d, None, idx)
+    if idx is None:
+        dd, _ = _cuda_coeff_and_bias_grads(z, g, None)
+    else:
+        dd = _cuda_bank_coeff_grads(z, g, idx, d.shape[0])
     return dx, dd.to(d.dtype), g
 
 
@@ -389,3 +486,13 @@ def coeff_and_bias_grads(dy2d: Tensor, z: Tensor, g: Tensor) -> tuple[Tensor, Te
         dy2d: ``[T, out]``. z: ``[T, k]`` (x·V saved by the forward). g: ``[T, k]`` (dy·U).
     """
     return _cuda_coeff_and_bias_grads(z, g, dy2d)
+
+
+def bank_coeff_grads(z: Tensor, g: Tensor, idx: Tensor, n: int) -> Tensor:
+    """The bank gradient alone: dd ``[n, k]`` float32, row a = Σ_{t: idx[t] = a} z_t ⊙ g_t (zero
+    where no token has a), deterministic (:func:`_cuda_bank_coeff_grads`).
+
+    Args:
+        z: ``[T, k]``. g: ``[T, k]``. idx: ``[T]`` int64 on their device. n: rows of the bank.
+    """
+    return _cuda_bank_coeff_grads(z, g, idx, n)

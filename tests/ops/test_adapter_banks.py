@@ -14,7 +14,7 @@ from spectral_kernels.ops.spectral_linear import (
     _spectral_linear_backward_op,
     _spectral_linear_op,
 )
-from tests.helpers import make_operands, rel_err
+from tests.helpers import assert_bank_matches_reference, make_bank_operands, make_operands
 
 HAS_TRITON = triton_interpret_enabled() or torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpret_enabled() else "cpu"
@@ -23,36 +23,12 @@ BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
 DTYPES = [torch.float32, torch.float16]
 
 
-def _bank_operands(lead, n_in, n_out, k, n, *, seed=0, device="cpu", bias=True, weight=True):
-    torch.manual_seed(seed)
-    ops = make_operands(lead, n_in, n_out, k, device=device, bias=bias, weight=weight)
-    ops.d = torch.randn(n, k, dtype=torch.float64, device=device)
-    return ops
-
-
-def _run(fn, ops, dtype, grads, dy, idx):
-    c = ops.cast(dtype, grads)
-    y = fn(*c.as_tuple(), adapter_index=idx)
-    y.backward(dy.to(y.dtype))
-    out = {"y": y.detach()}
-    for g in grads:
-        out["d" + g] = getattr(c, g).grad
-    return out
+_bank_operands = make_bank_operands
 
 
 def _check_against_reference(backend, ops, dtype, idx, grads=("x", "d", "bias")):
     """The 2x rule of tests/helpers.py with a bank: ours vs float64, within 2x plain torch + floor."""
-    y_shape = ops.x.shape[:-1] + (ops.U.shape[0],)
-    dy = torch.randn(y_shape, dtype=torch.float64, device=ops.x.device)
-    exact = _run(spectral_linear_ref, ops, torch.float64, grads, dy, idx)
-    plain = _run(spectral_linear_ref, ops, dtype, grads, dy, idx)
-    ours = _run(functools.partial(sk.spectral_linear, backend=backend), ops, dtype, grads, dy, idx)
-    floor = torch.finfo(dtype).eps / 8
-    for key, ref in exact.items():
-        assert ours[key].shape == ref.shape and ours[key].dtype == dtype, key
-        err, plain_err = rel_err(ours[key], ref), rel_err(plain[key], ref)
-        assert err <= 2 * plain_err + floor, f"{key} {dtype}: {err:.3e} > 2 x {plain_err:.3e}"
-    return ours
+    return assert_bank_matches_reference(functools.partial(sk.spectral_linear, backend=backend), ops, dtype, idx, grads)
 
 
 # --- accuracy ----------------------------------------------------------------------------------------
@@ -185,24 +161,59 @@ def test_torch_compile_fullgraph_with_a_bank():
 
 
 # --- backend choice -------------------------------------------------------------------------------
-def test_auto_sends_banks_to_torch_and_cuda_refuses():
+def test_auto_sends_banks_to_torch():
+    """Banks run on the cuda backend too (tests/ops/test_spectral_linear_cuda_banks.py, on a GPU),
+    but "auto" keeps them on torch: no bank plan has been timed on a GPU yet."""
     from spectral_kernels import plans
-    from spectral_kernels.ops.spectral_linear_cuda import spectral_linear_bwd_cuda, spectral_linear_fwd_cuda
 
     cuda = torch.device("cuda")
-    big = (plans.FOLD_MIN_TOKENS, 4096, 4096, 16)
-    for phase in ("forward", "backward"):
-        assert resolve_backend("auto", cuda, torch.bfloat16, big, phase, True, bank=True) == "torch"
+    for shape in ((plans.FOLD_MIN_TOKENS, 4096, 4096, 16), (4, 4096, 4096, 16)):  # GEMM range, decode range
+        for phase in ("forward", "backward"):
+            assert resolve_backend("auto", cuda, torch.bfloat16, shape, phase, True, bank=True) == "torch"
     assert plans.triton_plan(plans.FOLD_MIN_TOKENS, 16, True, bank=True) == "fused"
     assert plans.triton_plan(16, plans.FUSED_MAX_RANK + 1, True, bank=True) == "fused"
+
+
+def test_cuda_backend_checks_bank_operands_before_any_pointer():
+    """On CPU: the cuda backend's functions refuse CPU tensors, and its ops' fakes (meta tensors,
+    the same checks as on the device) refuse a bad index or bank, naming adapter_index."""
+    from spectral_kernels.ops import spectral_linear_cuda as cu
+
     ops = _bank_operands((4,), 8, 6, 2, 2).cast(torch.float32)
     idx = torch.zeros(4, dtype=torch.int64)
-    with pytest.raises(BackendUnavailableError, match="adapter_index"):
-        spectral_linear_fwd_cuda(ops.x, ops.U, ops.d, ops.V, ops.bias, ops.weight, idx)
-    with pytest.raises(BackendUnavailableError, match="adapter_index"):
-        spectral_linear_bwd_cuda(ops.x[:, :6], ops.x[:, :2], ops.U, ops.d, ops.V, ops.weight, idx)
-    with pytest.raises(BackendUnavailableError):
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        cu.spectral_linear_fwd_cuda(ops.x, ops.U, ops.d, ops.V, ops.bias, ops.weight, idx)
+    with pytest.raises(ValueError, match="dy must be a CUDA tensor"):
+        cu.spectral_linear_bwd_cuda(ops.x[:, :6], ops.x[:, :2], ops.U, ops.d, ops.V, ops.weight, idx)
+    with pytest.raises(BackendUnavailableError, match="cuda"):  # no CUDA device here, or CPU tensors
         sk.spectral_linear(*ops.as_tuple(), adapter_index=idx, backend="cuda")
+    # without dx, the autograd glue sends a cuda bank's dd to the cuda reduction (not index_add_)
+    from spectral_kernels.ops.spectral_linear import _coeff_grad
+
+    zg = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="cuda_bank_coeff_grads: z must be a CUDA tensor"):
+        _coeff_grad("cuda", zg, zg, idx, ops.d)
+    torch.testing.assert_close(_coeff_grad("torch", zg, zg, idx, ops.d)[0], (zg * zg).sum(0))
+
+    m = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+    ops_ns = torch.ops.spectral_kernels
+    x, U, bank, V = m(3, 8), m(5, 2), m(4, 2), m(8, 2)
+    good = m(3, dtype=torch.int64)
+    assert ops_ns.cuda_decode_forward(x, U, bank, V, None, None, good)[0].shape == (3, 5)
+    assert ops_ns.cuda_lowrank_gemm(m(40, 8), m(8, 5), m(40, 2), m(2, 5), bank, None, m(40, dtype=torch.int64)).shape == (40, 5)
+    assert ops_ns.cuda_bank_coeff_grads(m(40, 2), m(40, 2), m(40, dtype=torch.int64), 4).shape == (4, 2)
+    with pytest.raises(TypeError, match="adapter_index must have dtype torch.int64"):
+        ops_ns.cuda_decode_forward(x, U, bank, V, None, None, m(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"adapter_index must have shape \(3,\)"):
+        ops_ns.cuda_decode_forward(x, U, bank, V, None, None, m(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"with adapter_index, d must be a bank \(n, 2\)"):
+        ops_ns.cuda_decode_forward(x, U, m(2), V, None, None, good)
+    with pytest.raises(ValueError, match=r"adapter_index must have shape \(40,\)"):
+        ops_ns.cuda_lowrank_gemm(m(40, 8), m(8, 5), m(40, 2), m(2, 5), bank, None, good)
+    with pytest.raises(ValueError, match="adapter_index must have shape"):
+        ops_ns.cuda_bank_coeff_grads(m(40, 2), m(40, 2), good, 4)
+    with pytest.raises(ValueError, match="must be positive"):
+        ops_ns.cuda_bank_coeff_grads(m(40, 2), m(40, 2), m(40, dtype=torch.int64), 0)
 
 
 # --- bad input -------------------------------------------------------------------------------------
