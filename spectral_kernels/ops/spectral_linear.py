@@ -149,6 +149,13 @@ def _gradients(ctx, dy, backward_op):
     idx = _flat_index(adapter_index, dy.shape[:-1])
     if needs_x:
         dx, dd, g = backward_op(dy, z, U, d, V, weight, adapter_index, ctx.backend)
+    elif needs_d and idx is not None and ctx.backend == "triton":
+        # the triton kernel that computes g reduces a bank's dd per adapter as it goes (sorted
+        # row blocks, no atomics): deterministic, where index_add_ on CUDA is not
+        from spectral_kernels.ops.spectral_linear_triton import lowrank_project
+
+        g, _, dd = lowrank_project(_flat(dy), U, aux=_flat(z), idx=idx, n=d.shape[0])
+        dd = dd.to(d.dtype)
     elif needs_d or needs_V:
         g = _flat(dy) @ U
         if needs_d:

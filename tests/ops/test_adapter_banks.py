@@ -108,6 +108,31 @@ def test_triton_bank_gradient_is_deterministic():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_bank_gradient_without_dx_comes_from_the_kernel_reduction(dtype, monkeypatch):
+    """x needs no gradient (a frozen embedding's output): the glue still takes triton's per-adapter
+    reduction for dd, never index_add_ (atomics on CUDA); the result meets the 2x rule."""
+    from spectral_kernels.ops import reference, spectral_linear_triton
+
+    calls = []
+    project = spectral_linear_triton.lowrank_project
+    monkeypatch.setattr(spectral_linear_triton, "lowrank_project",
+                        lambda *a, **kw: calls.append(kw.get("idx") is not None) or project(*a, **kw))
+    ref_grad = reference.lowrank_coeff_grad_ref
+
+    def no_index_add(z, g, idx=None, n=None):
+        assert idx is None, "a triton bank's dd went through index_add_"
+        return ref_grad(z, g, idx, n)
+
+    monkeypatch.setattr("spectral_kernels.ops.spectral_linear.lowrank_coeff_grad_ref", no_index_add)
+    ops = _bank_operands((3, 11), 21, 13, 5, 4, device=DEVICE)
+    idx = torch.tensor([0, 2, 2], device=DEVICE)[:, None]  # row 1 and 3 unused
+    ours = _check_against_reference("triton", ops, dtype, idx, grads=("d", "bias"))
+    assert True in calls
+    assert torch.count_nonzero(ours["dd"][[1, 3]]) == 0
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton kernels need CUDA or TRITON_INTERPRET=1")
 def test_triton_refuses_other_plans_for_banks():
     from spectral_kernels.ops.spectral_linear_triton import spectral_linear_fwd_triton
 
