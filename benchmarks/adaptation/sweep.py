@@ -103,8 +103,9 @@ def plan(phase: str, args, runs: list[dict]) -> list[dict]:
                 if lr is None:
                     print(f"{phase}: no lr-phase result for {task}/{method}; run --phases lr first", file=sys.stderr)
                     continue
-                if phase == "seeds" and method not in LONG_METHODS:  # their long runs hold step 300
-                    jobs += [{"task": task, "method": method, "lr": lr, "seed": s, **extra, **base} for s in (1, 2)]
+                if phase == "seeds":
+                    if method not in LONG_METHODS:  # their long runs hold the step-300 evaluation
+                        jobs += [{"task": task, "method": method, "lr": lr, "seed": s, **extra, **base} for s in (1, 2)]
                 elif method in LONG_METHODS:
                     jobs += [{"task": task, "method": method, "lr": lr, "seed": s, "steps": args.long_steps,
                               "eval_every": 150, **extra, **base} for s in (0, 1, 2)]
