@@ -16,6 +16,7 @@ the s-scaled coefficient step (scale alone, for the spectral part's size), α/r 
 
     python benchmarks/adaptation/diagnose_speclora.py                   # movies, seed 0, 300 steps
     python benchmarks/adaptation/diagnose_speclora.py --task tweets --seeds 0,1
+    python benchmarks/adaptation/diagnose_speclora.py --report          # table + PNG of the JSON again
 """
 from __future__ import annotations
 
@@ -106,6 +107,62 @@ def child(spec: dict) -> dict:
     return row
 
 
+def _mean(rows, key, lo, hi):
+    xs = [r[key] for r in rows if lo <= r["step"] <= hi]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def report(path: Path) -> str:
+    """A markdown table and a PNG (beside the JSON) of the per-step update sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    rows = [r for r in data["rows"] if "error" not in r]
+    md = [f"Per-step update sizes, model-wide over the 36 encoder linears, relative to ‖W‖_F = "
+          f"{rows[0]['updates'][0]['w_norm']:.1f} (task {rows[0]['task']}; `{data['command']}`; {data['device']}, "
+          f"torch {data['torch']}, commit {data.get('commit', '?')}). Per-step columns: mean of ‖ΔW(t)‖_F / ‖W‖_F "
+          "over the steps given (warm-up: steps 1-30); 'moved by 300': ‖W_300 − W_0‖_F / ‖W‖_F of each part; "
+          "'top direction': the largest s_i·|Δc_i| of one step after warm-up.", "",
+          "| variant | seed | val / test acc | train loss first→last 10 | spectral per step, 1-30 | LoRA per step, 1-30 "
+          "| spectral per step, 31-300 | LoRA per step, 31-300 | spectral moved by 300 | LoRA moved by 300 | top direction |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        u, w = r["updates"], r["updates"][0]["w_norm"]
+        pct = lambda x: f"{100 * x / w:.4f}%"  # noqa: E731
+        md.append(f"| {r['variant']} | {r['seed']} | {r['val_acc']:.3f} / {r['test_acc']:.3f} | "
+                  f"{r['train_loss_first10']:.3f} → {r['train_loss_last10']:.3f} | "
+                  f"{pct(_mean(u, 'spec_step', 1, 30))} | {pct(_mean(u, 'lora_step', 1, 30))} | "
+                  f"{pct(_mean(u, 'spec_step', 31, 10**9))} | {pct(_mean(u, 'lora_step', 31, 10**9))} | "
+                  f"{100 * u[-1]['spec_total'] / w:.2f}% | {100 * u[-1]['lora_total'] / w:.2f}% | "
+                  f"{max(x['top_direction_step'] for x in u if x['step'] > 30):.4f} |")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for r in rows:
+        if r["seed"] != rows[0]["seed"]:
+            continue
+        u = r["updates"]
+        steps = [x["step"] for x in u]
+        for key, ls in (("spec", "-"), ("lora", "--")):
+            if any(x[f"{key}_total"] for x in u):
+                line, = axes[0].plot(steps, [x[f"{key}_step"] for x in u], ls, lw=1, label=f"{r['variant']} {key}")
+                axes[1].plot(steps, [x[f"{key}_total"] for x in u], ls, lw=1, color=line.get_color())
+    axes[0].set_yscale("log")
+    axes[0].set_title("‖ΔW‖_F of one step (solid: spectral part, dashed: LoRA part)")
+    axes[1].set_title("‖W_t − W_0‖_F of each part")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    text = "\n".join(md) + "\n"
+    path.with_suffix(".md").write_text(text)
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="movies")
@@ -115,10 +172,14 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--svd-cache-dir", default="/tmp/spectral_svd_cache")
     ap.add_argument("--json", default=str(HERE / "results" / "speclora_diagnosis.json"))
+    ap.add_argument("--report", action="store_true", help="only write the table and plot of --json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if args.report:
+        print(report(Path(args.json)))
         return 0
     jobs = [{"variant": v, "task": args.task, "seed": int(s), "steps": args.steps, "svd_cache_dir": args.svd_cache_dir}
             for s in args.seeds.split(",") for v in args.variants.split(",")]
@@ -140,6 +201,7 @@ def main(argv=None) -> int:
            **environment(), "variants": {k: [v[0], v[1], v[2]] for k, v in VARIANTS.items()}, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
+    print(report(Path(args.json)))
     print(f"saved {args.json}")
     return 0
 
