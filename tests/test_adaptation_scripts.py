@@ -69,6 +69,8 @@ def test_sweep_chooses_by_validation_and_skips_finished_runs():
     runs = [_row("movies", "lora", lr, 0, val, test) for lr, val, test in
             [(5e-4, 0.60, 0.70), (1e-3, 0.65, 0.60), (2e-3, 0.62, 0.66)]]
     assert sweep.best_lr(runs, "movies", "lora") == 1e-3  # validation decides, not the test set
+    large = {**_row("movies", "lora", 5e-3, 0, 0.99, 0.99), "save_weights": "/w/x.safetensors"}
+    assert sweep.best_lr(runs + [large], "movies", "lora") == 1e-3  # a large-update run is no candidate
     assert sweep.run_key({"task": "movies", "method": "lora", "lr": 1e-3, "seed": 0}) == sweep.run_key(runs[1])
     assert sweep.run_key({"task": "movies", "method": "lora", "lr": 1e-3, "seed": 1}) != sweep.run_key(runs[1])
 

@@ -66,10 +66,12 @@ def load_runs(path: Path) -> list[dict]:
 
 
 def best_lr(runs: list[dict], task: str, method: str, steps: int = 300) -> float | None:
-    """The learning rate of the seed-0 run with the highest validation accuracy at ``steps``."""
+    """The learning rate of the seed-0 run with the highest validation accuracy at ``steps`` (among
+    the sweep's runs: the large-update runs of phase ``large`` do not count)."""
     best = None
     for r in runs:
-        if r.get("task") == task and r.get("method") == method and r.get("seed") == 0 and "evals" in r:
+        if r.get("task") == task and r.get("method") == method and r.get("seed") == 0 and "evals" in r \
+                and not r.get("save_weights"):  # the large-update runs are not candidates
             at = [e for e in r["evals"] if e["step"] == steps]
             if at and (best is None or at[0]["val_acc"] > best[0]):
                 best = (at[0]["val_acc"], r["lr"])
