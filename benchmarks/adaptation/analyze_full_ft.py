@@ -12,6 +12,8 @@ does when it has no structure; "amplifies the top singular values" likewise.
     # the large-update fine-tunings of sweep.py --phases large (<task>_full_large.safetensors)
     python benchmarks/adaptation/analyze_full_ft.py --weights /tmp/repro/weights --suffix full_large \
         --out benchmarks/adaptation/results/analysis_large
+    python benchmarks/adaptation/analyze_full_ft.py --weights /tmp/repro/weights --suffix full_large600 \
+        --tasks tweets --out benchmarks/adaptation/results/analysis_large600
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default="/tmp/repro/weights", help="folder with <task>_full.safetensors")
     ap.add_argument("--suffix", default="full", help="the weights are <task>_<suffix>.safetensors")
+    ap.add_argument("--tasks", default="movies,tweets", help="comma-separated; the shared-basis section needs two")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--out", default=str(HERE / "results" / "analysis"))
     args = ap.parse_args(argv)
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
 
     base_path = model_dir() / "model.safetensors"
     w = Path(args.weights)
-    tuned = [w / f"movies_{args.suffix}.safetensors", w / f"tweets_{args.suffix}.safetensors"]
+    tuned = [w / f"{task}_{args.suffix}.safetensors" for task in args.tasks.split(",")]
     base = load_state_dict(base_path)
     nulls = []
     for i, t in enumerate(tuned):

@@ -55,6 +55,17 @@ def chosen_runs(runs: list[dict], task: str, method: str) -> tuple[float | None,
     return lr, [by_seed[s] for s in sorted(by_seed)]
 
 
+def lr_phase_step_time(runs: list[dict], task: str, method: str, lr: float) -> float | None:
+    """Median step time (s) of the seed-0, 300-step run at ``lr``: every such run ran in the sweep's
+    first phase under the same load (two runs at a time), unlike later runs that may have shared the
+    machine with a third process; the equal-wall-time comparison uses these."""
+    for r in runs:
+        if r["task"] == task and r["method"] == method and r["lr"] == lr and r["seed"] == 0 and r["steps"] == 300 \
+                and not r.get("save_weights"):
+            return r["step_time_s"]
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default=str(RESULTS / "runs.jsonl"))
@@ -91,7 +102,7 @@ def main(argv=None) -> int:
         md.append("")
 
     md += ["## Equal steps (300) at the chosen learning rate, seeds 0-2", "",
-           "| task | method | lr | test acc | val acc | train loss (steps 251-300) | step time (ms, median) | trainable | seeds |",
+           "| task | method | lr | test acc | val acc | train loss (steps 251-300) | step time (ms, median, seed 0) | trainable | seeds |",
            "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         summary["tasks"][task] = {}
@@ -102,7 +113,8 @@ def main(argv=None) -> int:
             test = [eval_at(r, 300)["test_acc"] for r in rs]
             val = [eval_at(r, 300)["val_acc"] for r in rs]
             loss = [loss_window(r, 300) for r in rs]
-            step_ms = statistics.median(1e3 * r["step_time_s"] for r in rs)
+            t0 = lr_phase_step_time(runs, task, m, lr)
+            step_ms = 1e3 * (t0 if t0 else statistics.median(r["step_time_s"] for r in rs))
             summary["tasks"][task][m] = {"lr": lr, "test_acc_300": test, "val_acc_300": val, "train_loss_300": loss,
                                          "step_time_ms": step_ms, "trainable": rs[0]["trainable"],
                                          "seeds": [r["seed"] for r in rs]}
@@ -133,14 +145,17 @@ def main(argv=None) -> int:
         md.append("")
 
     md += ["## Equal wall time: test accuracy at the last evaluation within a training-time budget", "",
-           "Training time = the sum of the timed steps (forward, backward, optimizer; no tokenisation or "
-           "evaluation), per run; budgets per task, from the medians over seeds.", ""]
+           "Training time of step s = s × the method's median step time (forward, backward, optimizer; no "
+           "tokenisation or evaluation) in its seed-0 run of the learning-rate phase, where every run shared "
+           "the machine with exactly one other; budgets per task.", ""]
     for task in tasks:
-        times = {}
+        times, per_step = {}, {}
         for m in methods:
-            _, rs = chosen_runs(runs, task, m)
-            if rs:
-                times[m] = statistics.median(eval_at(r, 300)["train_time_s"] for r in rs)
+            lr, rs = chosen_runs(runs, task, m)
+            t = lr_phase_step_time(runs, task, m, lr) if rs else None
+            if t:
+                per_step[m] = t
+                times[m] = 300 * t
         if not times:
             continue
         budgets = {"fastest method's 300 steps": min(times.values())}
@@ -151,8 +166,10 @@ def main(argv=None) -> int:
             for m in methods:
                 _, rs = chosen_runs(runs, task, m)
                 accs, steps = [], []
+                if m not in per_step:
+                    continue
                 for r in rs:
-                    ok = [e for e in r["evals"] if e["train_time_s"] <= b * 1.02]
+                    ok = [e for e in r["evals"] if e["step"] * per_step[m] <= b * 1.02]
                     if ok:
                         accs.append(ok[-1]["test_acc"])
                         steps.append(ok[-1]["step"])
@@ -191,12 +208,15 @@ def plot(runs, tasks, methods, out: Path) -> None:
             _, rs = chosen_runs(runs, task, m)
             if not rs:
                 continue
-            steps = sorted({e["step"] for e in rs[0]["evals"]})
+            t = lr_phase_step_time(runs, task, m, rs[0]["lr"])
+            if not t:
+                continue
+            steps = sorted({e["step"] for r in rs for e in r["evals"]})
             pts = []
             for s in steps:
                 es = [eval_at(r, s) for r in rs if eval_at(r, s)]
                 if len(es) == len(rs):
-                    pts.append((statistics.mean(e["train_time_s"] for e in es), statistics.mean(e["test_acc"] for e in es)))
+                    pts.append((s * t, statistics.mean(e["test_acc"] for e in es)))
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=m)
         ax.set_title(f"{task}: test accuracy vs training time (mean of seeds)")

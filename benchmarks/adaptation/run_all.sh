@@ -8,7 +8,11 @@ cd "$(dirname "$0")/../.."
 weights=${1:-/tmp/repro/weights}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python benchmarks/adaptation/sweep.py --phases lr,large,seeds,long --long-steps 900 --weights "$weights"
+# a larger update still: tweets (movies' full fine-tuning at lr 5e-4 already fails to train)
+python benchmarks/adaptation/sweep.py --phases large --tasks tweets --large-steps 600 --weights "$weights"
 python benchmarks/adaptation/report.py
 python benchmarks/adaptation/diagnose_speclora.py
 python benchmarks/adaptation/analyze_full_ft.py --weights "$weights" --suffix full_large \
     --out benchmarks/adaptation/results/analysis_large
+python benchmarks/adaptation/analyze_full_ft.py --weights "$weights" --suffix full_large600 --tasks tweets \
+    --out benchmarks/adaptation/results/analysis_large600

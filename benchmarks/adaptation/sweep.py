@@ -13,8 +13,8 @@ resumes where it stopped):
           continued to ``--long-steps`` at their best learning rate, seeds 0-2, evaluated every 150
           steps; the warm-up is a fixed number of steps, so a long run's first 300 steps are the
           300-step run's
-  large   full fine-tuning with a large update (lr ``--large-lr``), seed 0, weights saved for
-          analyze_full_ft.py --suffix full_large
+  large   full fine-tuning with a large update (lr ``--large-lr``, ``--large-steps``), seed 0,
+          weights saved for analyze_full_ft.py --suffix full_large (full_large<steps> if not 300)
 
 Every run: AdamW (weight decay 0), linear warm-up over 30 steps, then a constant learning rate;
 batch 16, max 48 tokens, 2000 training / 500 validation / 1000 test examples (balanced, drawn once).
@@ -112,8 +112,9 @@ def plan(phase: str, args, runs: list[dict]) -> list[dict]:
                     jobs += [{"task": task, "method": method, "lr": lr, "seed": s, "steps": args.long_steps,
                               "eval_every": 150, **extra, **base} for s in (0, 1, 2)]
         if phase == "large":
-            jobs.append({"task": task, "method": "full", "lr": args.large_lr, "seed": 0, **base,
-                         "save_weights": str(Path(args.weights) / f"{task}_full_large.safetensors")})
+            name = "full_large" + ("" if args.large_steps == 300 else str(args.large_steps))
+            jobs.append({"task": task, "method": "full", "lr": args.large_lr, "seed": 0, "steps": args.large_steps,
+                         **base, "save_weights": str(Path(args.weights) / f"{task}_{name}.safetensors")})
     return jobs
 
 
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--long-steps", type=int, default=1200)
     ap.add_argument("--large-lr", type=float, default=5e-4)
+    ap.add_argument("--large-steps", type=int, default=300, help="weights: <task>_full_large[<steps>].safetensors")
     ap.add_argument("--weights", default="/tmp/repro/weights", help="where the large-update weights go")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--svd-cache-dir", default="/tmp/spectral_svd_cache")
