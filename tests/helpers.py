@@ -153,3 +153,12 @@ def assert_bank_matches_reference(fn, ops: Operands, dtype, idx, grads=("x", "d"
         err, plain_err = rel_err(ours[key], ref), rel_err(plain[key], ref)
         assert err <= 2 * plain_err + floor, f"{key} {dtype}: {err:.3e} > 2 x {plain_err:.3e}"
     return ours
+
+
+def cuda_backend_ready() -> tuple[bool, str]:
+    """(whether the cuda backend can run here, why not): a CUDA device and a loadable _C for it."""
+    from spectral_kernels import _ext
+
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA device"
+    return _ext.cuda_status(torch.device("cuda"))

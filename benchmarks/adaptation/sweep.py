@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--phases", default="lr,seeds,long,large")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--long-steps", type=int, default=1200)
+    ap.add_argument("--long-steps", type=int, default=600)
     ap.add_argument("--large-lr", type=float, default=5e-4)
     ap.add_argument("--large-steps", type=int, default=300, help="weights: <task>_full_large[<steps>].safetensors")
     ap.add_argument("--weights", default="/tmp/repro/weights", help="where the large-update weights go")

@@ -14,18 +14,11 @@ import pytest
 import torch
 
 import spectral_kernels as sk
-from spectral_kernels import _ext
 from spectral_kernels.ops.reference import lowrank_coeff_grad_ref, spectral_linear_fwd_ref, spectral_linear_ref
-from tests.helpers import assert_bank_matches_reference, make_bank_operands, rel_err
+from tests.helpers import cuda_backend_ready, assert_bank_matches_reference, make_bank_operands, rel_err
 
 
-def _cuda_ready() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "needs a CUDA device"
-    return _ext.cuda_status(torch.device("cuda"))
-
-
-_READY, _WHY = _cuda_ready()
+_READY, _WHY = cuda_backend_ready()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _READY, reason=_WHY)]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
