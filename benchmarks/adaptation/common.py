@@ -230,9 +230,9 @@ def train(cfg: RunConfig, on_step: Callable | None = None, model=None) -> dict:
         dt = time.perf_counter() - t0
         clock += dt
         times.append(dt)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step is not None:
-            on_step(step, model, float(loss))
+            on_step(step, model, losses[-1])
         if not math.isfinite(losses[-1]):
             break
         if step % cfg.eval_every == 0 or step == cfg.steps:
