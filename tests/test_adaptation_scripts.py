@@ -47,9 +47,9 @@ def test_tiny_speclora_pg_run_and_its_update_meter(tmp_path):
     # the meter's distances equal ‖U·diag(s⊙(c−1))·Vᵀ‖ and ‖(α/r)·B·A‖ computed from the trained layers
     spec2 = lora2 = 0.0
     for layer in sk.tuning.spectral_layers(model).values():
-        U, V = layer.U.double(), layer.V.double()
-        spec2 += float((U @ torch.diag(layer.s.double() * (layer.coeffs.double() - 1)) @ V.t()).pow(2).sum())
-        lora2 += float((layer.scaling * layer.lora_B.double() @ layer.lora_A.double()).pow(2).sum())
+        U, V, c = layer.U.double(), layer.V.double(), layer.coeffs.detach().double()
+        spec2 += float((U @ torch.diag(layer.s.double() * (c - 1)) @ V.t()).pow(2).sum())
+        lora2 += float((layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()).pow(2).sum())
     last = meter.rows[-1]
     assert last["step"] == 4 and spec2 > 0 and lora2 > 0
     assert last["spec_total"] == pytest.approx(spec2 ** 0.5, rel=1e-6)
