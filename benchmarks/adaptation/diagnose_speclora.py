@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RunConfig, environment, run_parallel, train  # noqa: E402
+from common import RunConfig, build_model, environment, run_parallel, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # name: (method, lr, extra RunConfig fields)
@@ -97,8 +97,6 @@ def child(spec: dict) -> dict:
     name = spec.pop("variant")
     method, lr, extra = VARIANTS[name]
     cfg = RunConfig(method=method, lr=lr, eval_every=10**9, **extra, **spec)
-    from common import build_model
-
     model = build_model(method, cfg.rank, seed=cfg.seed, lora_alpha=cfg.lora_alpha, svd_cache_dir=cfg.svd_cache_dir)
     meter = UpdateMeter(model, identity=0.0 if method.startswith("shift") else 1.0)
     row = train(cfg, on_step=meter, model=model)
