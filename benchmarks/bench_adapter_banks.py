@@ -9,7 +9,13 @@ For each N in {1, 8, 64, 512}:
 * ``spectral_mixed``:  the batch under ``sk.adapter_batch`` (one bank [n, k] per layer);
 * ``spectral_loop``:   one call per distinct adapter on its samples (set_adapter between);
 * ``peft_mixed``:      peft LoRA (r = rank) with N adapters, ``adapter_names=`` per sample;
-* ``peft_single``:     peft LoRA, the same batch with one adapter.
+* ``peft_single``:     peft LoRA, the same batch with one adapter;
+* ``train_single`` / ``train_mixed``: a training step (forward, backward of the output's sum into
+  the coefficients) with one adapter / under ``sk.adapter_batch`` (peft refuses
+  ``adapter_names=`` in training, so it has no training rows).
+
+Timings are medians of interleaved rounds (each round calls every variant once), so that a
+disturbance of a shared CPU lands on all variants alike.
 
 Memory per adapter: the trainable tensors one adapter adds (spectral: k per layer; LoRA:
 r·(in + out) per layer), in bytes (float32).
@@ -30,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -52,21 +59,23 @@ class MLP(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def _time(fn, reps: int, device: torch.device = torch.device("cpu")) -> float:
-    """Fastest of ``reps`` calls after two warm-up calls (the CPU is shared: the minimum is the
-    least disturbed). On CUDA each call is timed from a synchronised device to its end."""
+def _time(fns: dict, reps: int, device: torch.device = torch.device("cpu"), grad: bool = False) -> dict:
+    """{name: (fastest ms, median ms)} of ``reps`` rounds after two warm-up rounds. Each round
+    calls every function once, in turn, so that a disturbance of the shared CPU (or a clock
+    change) lands on all of them alike; ratios are taken of medians. On CUDA each call is timed
+    from a synchronised device to its end. ``grad``: run with autograd on (training steps)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        fn()
-        fn()
-        times = []
-        for _ in range(reps):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-    return min(times)
+    times = {name: [] for name in fns}
+    with torch.set_grad_enabled(grad):
+        for round_ in range(reps + 2):
+            for name, fn in fns.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                if round_ >= 2:
+                    times[name].append(time.perf_counter() - t0)
+    return {name: (1e3 * min(t), 1e3 * statistics.median(t)) for name, t in times.items()}
 
 
 def _names(n: int, batch: int) -> list[str]:
@@ -97,8 +106,11 @@ def peft_model(d: int, rank: int, n: int, device="cpu", dtype=torch.float32) -> 
 
 
 def bench(d: int, rank: int, batch: int, seq: int, ns: list[int], reps: int, *, backends=("torch",),
-          device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> list[dict]:
-    """One row per (N, backend); peft is timed once per N and repeated in each of its rows."""
+          device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+          train: bool = True) -> list[dict]:
+    """One row per (N, backend); peft is timed once per N and repeated in each of its rows.
+    Inference rows: forward only, autograd off. ``train``: also a training step (forward, then
+    backward of the output's sum into the coefficients; x needs no gradient)."""
     rows = []
     x = torch.randn(batch, seq, d).to(device=device, dtype=dtype)
     for n in ns:
@@ -109,8 +121,8 @@ def bench(d: int, rank: int, batch: int, seq: int, ns: list[int], reps: int, *, 
         peft_row = {}
         try:
             pm = peft_model(d, rank, n, device, dtype)
-            peft_row["peft_single_ms"] = 1e3 * _time(lambda: pm(x), reps, device)
-            peft_row["peft_mixed_ms"] = 1e3 * _time(lambda: pm(x, adapter_names=names), reps, device)
+            t = _time({"single": lambda: pm(x), "mixed": lambda: pm(x, adapter_names=names)}, reps, device)
+            peft_row["peft_single_ms"], peft_row["peft_mixed_ms"] = t["single"][1], t["mixed"][1]
             peft_row["peft_mixed_over_single"] = peft_row["peft_mixed_ms"] / peft_row["peft_single_ms"]
             del pm
         except ImportError as exc:  # peft is in the bench extra
@@ -119,22 +131,34 @@ def bench(d: int, rank: int, batch: int, seq: int, ns: list[int], reps: int, *, 
             sm = spectral_model(d, rank, n, backend, device, dtype)
             sk.set_adapter(sm, "t0")
             row = {"adapters": n, "backend": backend, "distinct_in_batch": len(distinct), "tokens": batch * seq}
-            row["spectral_single_ms"] = 1e3 * _time(lambda: sm(x), reps, device)
 
             def mixed():
                 with sk.adapter_batch(sm, names):
                     return sm(x)
 
-            row["spectral_mixed_ms"] = 1e3 * _time(mixed, reps, device)
-
             def loop():
                 for a in distinct:
                     sk.set_adapter(sm, a)
                     sm(xs[a])
+                sk.set_adapter(sm, "t0")
 
-            row["spectral_loop_ms"] = 1e3 * _time(loop, reps, device)
-            sk.set_adapter(sm, "t0")
+            t = _time({"single": lambda: sm(x), "mixed": mixed, "loop": loop}, reps, device)
+            for key, (fastest, median) in t.items():
+                row[f"spectral_{key}_ms"] = median
+                row[f"spectral_{key}_fastest_ms"] = fastest
             row["mixed_over_single"] = row["spectral_mixed_ms"] / row["spectral_single_ms"]
+            if train:
+                def train_single():
+                    sm(x).sum().backward()
+
+                def train_mixed():
+                    with sk.adapter_batch(sm, names):
+                        sm(x).sum().backward()
+
+                t = _time({"single": train_single, "mixed": train_mixed}, reps, device, grad=True)
+                row["train_single_ms"], row["train_mixed_ms"] = t["single"][1], t["mixed"][1]
+                row["train_mixed_over_single"] = row["train_mixed_ms"] / row["train_single_ms"]
+                sm.zero_grad(set_to_none=True)
             row.update(peft_row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             rows.append(row)
@@ -157,6 +181,7 @@ def main() -> None:
     ap.add_argument("--backends", default="torch", help="comma-separated spectral backends (torch,triton,cuda)")
     ap.add_argument("--batch", type=int, default=None, help="samples per batch (default 64; 16 with --quick)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sample (default 16; 8 with --quick)")
+    ap.add_argument("--no-train", action="store_true", help="inference rows only (no training step)")
     ap.add_argument("--out", default=None, help="JSON path (default results/adapter_banks_<device>.json)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -166,11 +191,11 @@ def main() -> None:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     default_out = str(HERE / "results" / f"adapter_banks_{device.type}.json")
     out = args.out or default_out
-    d, rank, batch, seq, reps = (128, 8, 16, 8, 3) if args.quick else (512, 16, 64, 16, 7)
+    d, rank, batch, seq, reps = (128, 8, 16, 8, 3) if args.quick else (512, 16, 64, 16, 15)
     batch = args.batch or batch
     seq = args.seq or seq
     ns = [1, 8, 64, 512]
-    rows = bench(d, rank, batch, seq, ns, reps, backends=backends, device=device, dtype=dtype)
+    rows = bench(d, rank, batch, seq, ns, reps, backends=backends, device=device, dtype=dtype, train=not args.no_train)
     layers = 2
     try:
         import peft
@@ -190,8 +215,12 @@ def main() -> None:
         "shape": {"d_in": d, "d_out": d, "layers": layers, "rank": rank, "batch": batch, "seq": seq},
         "bytes_per_adapter": {"spectral": layers * rank * dtype.itemsize, "lora": layers * rank * (d + d) * dtype.itemsize},
         "rows": rows,
+        "timing": f"median of {reps} interleaved rounds after 2 warm-up rounds (fastest also kept)",
         "mixed_within_1.1x_single_for_every_n": {
             b: all(r["mixed_over_single"] <= 1.1 for r in rows if r["backend"] == b) for b in backends},
+        "train_mixed_within_1.1x_single_for_every_n": {
+            b: all(r["train_mixed_over_single"] <= 1.1 for r in rows if r["backend"] == b) for b in backends}
+        if not args.no_train else None,
     }
     if not args.quick or args.out is not None:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

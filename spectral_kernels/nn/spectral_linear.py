@@ -160,14 +160,21 @@ class SpectralLinear(nn.Module):
         """Names of the coefficient sets: "default" first, then the added ones in order."""
         return [DEFAULT_ADAPTER, *self.coeff_bank.keys()]
 
+    def named_coefficients(self) -> dict[str, nn.Parameter]:
+        """Every coefficient set by name ("default" first): {name: c [k]}."""
+        return {DEFAULT_ADAPTER: self.coeffs, **self.coeff_bank._parameters}
+
     def coefficients(self, adapter: str | None = None) -> nn.Parameter:
         """The coefficient parameter c [k] of ``adapter`` (None: the active one)."""
         name = self.active_adapter if adapter is None else adapter
         if name == DEFAULT_ADAPTER:
             return self.coeffs
-        if not isinstance(name, str) or name not in self.coeff_bank:
+        # the ParameterDict's own storage: its __getitem__ goes through Module.__getattr__, a few µs
+        # a call, which a mixed batch of many adapters pays per adapter per layer per forward
+        param = self.coeff_bank._parameters.get(name) if isinstance(name, str) else None
+        if param is None:
             raise KeyError(f"no adapter {name!r} in this layer; adapters: {self.adapter_names()}")
-        return self.coeff_bank[name]
+        return param
 
     def add_adapter(self, name: str) -> None:
         """Add a coefficient set at the mode's identity c₀ (the layer computes its base there);
@@ -264,7 +271,10 @@ def _check_adapter_name(name: object) -> None:
 
 class _BatchAdapters:
     """One adapter name per sample of a batch (the input's first dim): builds the bank [n, k] of
-    the distinct names (in first-appearance order) and the index [batch, 1, ..., 1]."""
+    the distinct names (in first-appearance order) and the index [batch, 1, ..., 1].
+
+    Each layer's n coefficient parameters are looked up once per block (:meth:`coefficients_of`),
+    not once per forward: at 64 adapters the lookups cost more than the bank's own arithmetic."""
 
     def __init__(self, names: list[str]) -> None:
         self.names = list(names)
@@ -272,13 +282,22 @@ class _BatchAdapters:
         row = {n: i for i, n in enumerate(self.distinct)}
         self._index = torch.tensor([row[n] for n in self.names], dtype=torch.int64)
         self._on_device: dict[torch.device, Tensor] = {}
+        self._coefficients: dict[int, list[nn.Parameter]] = {}
+
+    def coefficients_of(self, layer: SpectralLinear) -> list[nn.Parameter]:
+        """The distinct adapters' coefficient parameters of ``layer``, in bank-row order."""
+        params = self._coefficients.get(id(layer))
+        if params is None:
+            named = layer.named_coefficients()
+            params = self._coefficients[id(layer)] = [named[n] for n in self.distinct]
+        return params
 
     def bank_and_index(self, layer: SpectralLinear, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() < 2 or x.shape[0] != len(self.names):
             raise ValueError(
                 f"adapter_batch was given {len(self.names)} adapter names (one per sample), but a layer got "
                 f"an input of shape {tuple(x.shape)} whose first dim is not the batch of {len(self.names)}")
-        bank = layer._delta_of(torch.stack([layer.coefficients(n) for n in self.distinct])).to(x.dtype)
+        bank = layer._delta_of(torch.stack(self.coefficients_of(layer))).to(x.dtype)
         index = self._on_device.get(x.device)
         if index is None:
             index = self._on_device[x.device] = self._index.to(x.device)

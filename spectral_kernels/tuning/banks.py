@@ -44,7 +44,10 @@ __all__ = [
 ]
 
 
-def _layers(model: nn.Module, what: str) -> dict[str, SpectralLinear]:
+def _layers(model: nn.Module, what: str, *, outside_batch: bool = False) -> dict[str, SpectralLinear]:
+    """The model's spectral layers; raises for none, for SpecLoRA layers, and (``outside_batch``)
+    inside an :func:`adapter_batch` block, whose bank and grad flags a change of the adapter set
+    or of the active adapter would silently invalidate."""
     layers = spectral_layers(unwrap(model))
     if not layers:
         raise ValueError(f"{what}: the model has no spectral layer; call adapt(model, config) first")
@@ -53,6 +56,8 @@ def _layers(model: nn.Module, what: str) -> dict[str, SpectralLinear]:
             raise NotImplementedError(
                 f"{what}: adapter banks are not implemented for mode 'speclora' (layer {name!r}); "
                 "use mode 'scale' or 'shift'")
+        if outside_batch and layer._batch is not None:
+            raise RuntimeError(f"{what}: not allowed inside an adapter_batch block; leave the block first")
     return layers
 
 
@@ -69,7 +74,7 @@ def active_adapter(model: nn.Module) -> str:
 def add_adapter(model: nn.Module, name: str) -> nn.Module:
     """Add an identity-initialised coefficient set ``name`` (c₀: the base model) to every spectral
     layer; it is frozen until :func:`set_adapter` or an :func:`adapter_batch`. Returns model."""
-    layers = _layers(model, "add_adapter")
+    layers = _layers(model, "add_adapter", outside_batch=True)
     if name in list_adapters(model):
         raise ValueError(f"add_adapter: adapter {name!r} already exists; adapters: {list_adapters(model)}")
     for layer in layers.values():
@@ -80,7 +85,7 @@ def add_adapter(model: nn.Module, name: str) -> nn.Module:
 def set_adapter(model: nn.Module, name: str) -> nn.Module:
     """Make ``name`` the adapter that runs and trains (only its coefficients require grad; other
     trainable tensors such as heads keep their flags). Returns model."""
-    layers = _layers(model, "set_adapter")
+    layers = _layers(model, "set_adapter", outside_batch=True)
     _check_known(model, name, "set_adapter")
     for layer in layers.values():
         layer.set_adapter(name)
@@ -90,7 +95,7 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name`` from every layer. "default" (the layers' ``coeffs``) and the active
     adapter cannot be deleted (set another one active first). Returns model."""
-    layers = _layers(model, "delete_adapter")
+    layers = _layers(model, "delete_adapter", outside_batch=True)
     _check_known(model, name, "delete_adapter")
     for layer in layers.values():
         layer.delete_adapter(name)
@@ -123,19 +128,20 @@ def adapter_batch(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]
     layers = _layers(model, "adapter_batch")
     if isinstance(names, str) or not len(names):
         raise ValueError(f"adapter_batch: names must be a non-empty list of adapter names, one per sample; got {names!r}")
-    for n in set(names):
-        _check_known(model, n, "adapter_batch")
+    known = next(iter(layers.values())).adapter_names()  # every layer holds the same names
+    unknown = sorted(set(names) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"adapter_batch: no adapter {unknown[0]!r}; the model's adapters are {known}")
+    if any(layer._batch is not None for layer in layers.values()):
+        raise RuntimeError("adapter_batch: already inside an adapter_batch block of this model")
     batch = _BatchAdapters(list(names))
     flags = []
-    for layer in layers.values():
-        if layer._batch is not None:
-            raise RuntimeError("adapter_batch: already inside an adapter_batch block of this model")
-        layer._batch = batch
-        for n in batch.distinct:
-            p = layer.coefficients(n)
-            flags.append((p, p.requires_grad))
-            p.requires_grad_(True)
-    try:
+    try:  # set up inside the try: a failure half-way still restores every layer touched so far
+        for layer in layers.values():
+            layer._batch = batch
+            for p in batch.coefficients_of(layer):
+                flags.append((p, p.requires_grad))
+                p.requires_grad_(True)
         yield model
     finally:
         for layer in layers.values():

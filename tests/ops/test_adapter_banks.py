@@ -261,3 +261,18 @@ def test_bad_adapter_index(idx, d_shape, err, match):
     d = torch.randn(*d_shape)
     with pytest.raises(err, match=match):
         sk.spectral_linear(ops.x, ops.U, d, ops.V, ops.bias, ops.weight, adapter_index=idx)
+
+
+@pytest.mark.parametrize("shape,target", [
+    ((), (4, 3)), ((1,), (4, 3)), ((3,), (4, 3)), ((4, 1), (4, 3)), ((1, 1), (4, 3)), ((4, 3), (4, 3)),
+    ((2,), (4, 3)), ((4,), (4, 3)), ((1, 4, 3), (4, 3)), ((4, 2), (4, 3)), ((1,), (0,)), ((0,), (0, 2)),
+    ((2, 1, 1), (2, 5, 7)), ((5, 1), (2, 5, 7)),
+])
+def test_index_broadcast_check_agrees_with_torch(shape, target):
+    from spectral_kernels.ops._checks import _broadcasts_to
+
+    try:
+        want = torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        want = False
+    assert _broadcasts_to(shape, target) == want

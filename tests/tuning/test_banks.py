@@ -216,3 +216,47 @@ def test_errors():
     adapt(speclora, SpectralConfig(target_modules=["fc1"], rank=3, mode="speclora", lora_rank=2), verbose=False)
     with pytest.raises(NotImplementedError, match="speclora"):
         sk.add_adapter(speclora, "t")
+
+
+def test_adapter_set_changes_refused_inside_a_batch_block():
+    model = _three_tasks()
+    with sk.adapter_batch(model, ["a", "b", "a"]):
+        for call, match in [(lambda: sk.add_adapter(model, "c"), "add_adapter"),
+                            (lambda: sk.set_adapter(model, "b"), "set_adapter"),
+                            (lambda: sk.delete_adapter(model, "b"), "delete_adapter")]:
+            with pytest.raises(RuntimeError, match=f"{match}: not allowed inside an adapter_batch block"):
+                call()
+        with pytest.raises(RuntimeError, match="already inside an adapter_batch block"):
+            with sk.adapter_batch(model, ["a", "a", "a"]):
+                pass
+    assert sk.list_adapters(model) == ["default", "a", "b"] and sk.active_adapter(model) == "default"
+    sk.add_adapter(model, "c")  # allowed again after the block
+
+
+def test_failed_block_setup_restores_every_layer(monkeypatch):
+    """A failure while the block sets up its layers (here: the second layer's lookup) leaves no
+    layer in batch mode and every requires_grad flag as it was."""
+    from spectral_kernels.nn.spectral_linear import _BatchAdapters
+
+    model = _three_tasks()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    real = _BatchAdapters.coefficients_of
+
+    def fail_on_fc2(self, layer):
+        if layer is model.fc2:
+            raise KeyError("lookup failed")
+        return real(self, layer)
+
+    monkeypatch.setattr(_BatchAdapters, "coefficients_of", fail_on_fc2)
+    with pytest.raises(KeyError, match="lookup failed"):
+        with sk.adapter_batch(model, ["a", "b"]):
+            pass
+    assert all(layer._batch is None for layer in spectral_layers(model).values())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_named_coefficients_lists_every_set_in_order():
+    model = _three_tasks()
+    named = model.fc1.named_coefficients()
+    assert list(named) == sk.list_adapters(model) == ["default", "a", "b"]
+    assert named["default"] is model.fc1.coeffs and named["b"] is model.fc1.coefficients("b")
