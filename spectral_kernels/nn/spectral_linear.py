@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from spectral_kernels.backends import BACKENDS
-from spectral_kernels.ops.spectral_linear import spectral_linear
+from spectral_kernels.ops.spectral_linear import spectral_linear, spectral_linear_with_valid_index
 from spectral_kernels.ops.truncated_svd import truncated_svd
 
 MODES = ("scale", "shift")
@@ -223,8 +223,10 @@ class SpectralLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._batch is not None:
             bank, index = self._batch.bank_and_index(self, x)
-            return spectral_linear(x, self.U, bank, self.V, self.bias, self.weight, adapter_index=index,
-                                   backend=self.backend)
+            # the index was built from adapter names, so its rows are valid by construction: no
+            # read-back of its values (a device sync per layer on a GPU)
+            return spectral_linear_with_valid_index(x, self.U, bank, self.V, self.bias, self.weight, index,
+                                                    backend=self.backend)
         d = self.coefficient_delta().to(x.dtype)
         return spectral_linear(x, self.U, d, self.V, self.bias, self.weight, backend=self.backend)
 

@@ -255,6 +255,22 @@ def spectral_linear(
     a deterministic per-adapter reduction); "auto" sends them to torch, the only bank backend
     measured so far. A bank of one row is the plain path with d[0], bit for bit.
     """
+    return _spectral_linear(x, U, d, V, bias, weight, adapter_index, backend, check_index_values=True)
+
+
+def spectral_linear_with_valid_index(
+    x: Tensor, U: Tensor, bank: Tensor, V: Tensor, bias: Tensor | None, weight: Tensor | None,
+    adapter_index: Tensor, backend: str = "auto",
+) -> Tensor:
+    """:func:`spectral_linear` with a bank, for a caller that built ``adapter_index`` itself with
+    every value in 0..n-1 (SpectralLinear under ``adapter_batch``): the values are not read back.
+    That check costs a device sync per call, per layer of a model. Shapes and dtypes are still
+    checked; an out-of-range value is then the caller's bug, not reported (torch raises an
+    IndexError, cuda gives NaN rows, triton's result is undefined)."""
+    return _spectral_linear(x, U, bank, V, bias, weight, adapter_index, backend, check_index_values=False)
+
+
+def _spectral_linear(x, U, d, V, bias, weight, adapter_index, backend, *, check_index_values: bool) -> Tensor:
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
     if torch.is_autocast_enabled(device_type):
         # As F.linear under autocast: every operand in the autocast dtype. The op then runs with
@@ -262,11 +278,12 @@ def spectral_linear(
         dtype = torch.get_autocast_dtype(device_type)
         x, U, d, V, bias, weight = (_autocast(t, dtype) for t in (x, U, d, V, bias, weight))
         with torch.autocast(device_type, enabled=False):
-            return spectral_linear(x, U, d, V, bias, weight, adapter_index=adapter_index, backend=backend)
+            return _spectral_linear(x, U, d, V, bias, weight, adapter_index, backend,
+                                    check_index_values=check_index_values)
     in_features, out_features, k = check_spectral_linear_args(x, U, d, V, bias, weight, adapter_index)
     compiling = torch.compiler.is_compiling()
     if adapter_index is not None:
-        if not compiling:
+        if check_index_values and not compiling:
             check_adapter_index_values(adapter_index, d.shape[0])
         if d.shape[0] == 1:  # every valid index is 0: the plain path with the one row
             d, adapter_index = d[0], None

@@ -260,3 +260,25 @@ def test_named_coefficients_lists_every_set_in_order():
     named = model.fc1.named_coefficients()
     assert list(named) == sk.list_adapters(model) == ["default", "a", "b"]
     assert named["default"] is model.fc1.coeffs and named["b"] is model.fc1.coefficients("b")
+
+
+def test_mixed_batch_does_not_read_its_index_back(monkeypatch):
+    """The layers' index is built from adapter names, so its values are not re-checked (on a GPU
+    that check is a device sync per layer); the public op still checks a caller's index."""
+    import spectral_kernels.ops.spectral_linear as op_module
+
+    model = _three_tasks()
+    x = torch.randn(3, 13)
+    with torch.no_grad(), sk.adapter_batch(model, ["a", "b", "default"]):
+        want = model(x)
+
+    def no_read_back(*args):
+        raise AssertionError("adapter_index values read back")
+
+    monkeypatch.setattr(op_module, "check_adapter_index_values", no_read_back)
+    with torch.no_grad(), sk.adapter_batch(model, ["a", "b", "default"]):
+        assert torch.equal(model(x), want)
+    layer = model.fc1
+    with pytest.raises(AssertionError, match="read back"):
+        sk.spectral_linear(x, layer.U, torch.zeros(2, layer.rank), layer.V, layer.bias, layer.weight,
+                           adapter_index=torch.zeros(3, dtype=torch.int64))
