@@ -52,3 +52,23 @@ def test_kernel_benchmark_refuses_cuda_without_a_device():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
     assert _load("bench_spectral_linear_kernels").main(["--device", "cuda"]) == 2
+
+
+def test_adapter_bank_timer_interleaves_and_takes_medians():
+    mod = _load("bench_adapter_banks")
+    calls = []
+    t = mod._time({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3)
+    assert calls == ["a", "b"] * 5  # two warm-up rounds, then three timed ones, in turn
+    assert set(t) == {"a", "b"} and all(0 <= fast <= med for fast, med in t.values())
+
+
+def test_adapter_bank_bench_rows():
+    pytest.importorskip("peft")
+    mod = _load("bench_adapter_banks")
+    rows = mod.bench(16, 2, 4, 2, [1, 3], reps=1)
+    assert [(r["adapters"], r["distinct_in_batch"]) for r in rows] == [(1, 1), (3, 3)]
+    for r in rows:
+        for key in ("spectral_single_ms", "spectral_mixed_ms", "spectral_loop_ms", "train_single_ms",
+                    "train_mixed_ms", "peft_single_ms", "peft_mixed_ms"):
+            assert r[key] > 0, key
+        assert r["mixed_over_single"] == r["spectral_mixed_ms"] / r["spectral_single_ms"]
