@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU session: build spectral_kernels._C in place for this device, then run a stage.
 #
-#   bash benchmarks/gpu/run.sh STAGE OUTDIR        STAGE: tests | sanitize | bench | tune | all
+#   bash benchmarks/gpu/run.sh STAGE OUTDIR        STAGE: verify | tests | sanitize | bench | tune | all
 #
+#   verify    first in a short session (a 15-minute device budget): what has never run on a GPU —
+#             the cuda and triton adapter-bank paths (their test files on CUDA), the Triton float32
+#             tests, then the adapter-bank benchmark on the three backends
 #   tests     every test marked gpu (-rs, SPECTRAL_KERNELS_CUDA_SYNC=1; a skipped GPU test is a
 #             failure here), then the Triton test file on CUDA
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over a reduced selection of the
@@ -17,9 +20,16 @@
 # the package runs from this checkout (PYTHONPATH). Each stage writes JSON, logs and a summary table
 # (summary_<stage>.md) into OUTDIR. Without a CUDA device every stage says so and exits 0.
 # SK_COMMIT names the commit in the results where the checkout has no .git.
+# SK_STAGE_SECONDS (default 540) bounds the whole call, build included, inside one device command's
+# 10 minutes: every step's timeout is cut to what is left of it, so a stage ends with its summary
+# written instead of being killed from outside.
 set -uo pipefail
-stage=${1:?usage: run.sh tests|sanitize|bench|tune|all OUTDIR}
-out=${2:?usage: run.sh tests|sanitize|bench|tune|all OUTDIR}
+usage="usage: run.sh verify|tests|sanitize|bench|tune|all OUTDIR"
+stage=${1:?$usage}
+out=${2:?$usage}
+budget=${SK_STAGE_SECONDS:-540}
+# cap N: N seconds, or what is left of the budget (less 20 s for the summary) when that is less
+cap() { local left=$((budget - SECONDS - 20)); [ "$left" -lt 10 ] && left=10; [ "$1" -lt "$left" ] && echo "$1" || echo "$left"; }
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 mkdir -p "$out"
@@ -28,7 +38,7 @@ py=${PYTHON:-python3}
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
-case "$stage" in tests|sanitize|bench|tune|all) ;; *) echo "unknown stage '$stage' (tests, sanitize, bench, tune, all)" >&2; exit 2 ;; esac
+case "$stage" in verify|tests|sanitize|bench|tune|all) ;; *) echo "unknown stage '$stage' (verify, tests, sanitize, bench, tune, all)" >&2; exit 2 ;; esac
 
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "stage '$stage' skipped: no CUDA device is visible to torch on this machine" | tee "$out/summary_$stage.md"
@@ -49,13 +59,33 @@ echo "built spectral_kernels._C for sm_$arch in $((SECONDS - start)) s"
 "$py" -c 'from spectral_kernels import _ext; print(_ext.extension_summary())' || exit 1
 
 status=0
+run_verify() {
+  # on CUDA, not the interpreter: the bank files' unmarked tests take the device too
+  SPECTRAL_KERNELS_CUDA_SYNC=1 timeout "$(cap 200)" "$py" -m pytest -q -rs -p no:cacheprovider --timeout 120 \
+    --junitxml "$out/verify_banks.xml" tests/ops/test_spectral_linear_cuda_banks.py tests/ops/test_adapter_banks.py \
+    tests/tuning/test_banks.py 2>&1 | tee "$out/verify_banks.log"
+  local rc=${PIPESTATUS[0]}
+  SPECTRAL_KERNELS_CUDA_SYNC=1 timeout "$(cap 120)" "$py" -m pytest -q -rs -p no:cacheprovider --timeout 100 \
+    -k float32 --junitxml "$out/verify_triton_fp32.xml" tests/ops/test_spectral_linear_triton.py 2>&1 \
+    | tee "$out/verify_triton_fp32.log"
+  local rc2=${PIPESTATUS[0]}
+  "$py" benchmarks/gpu/summarize_junit.py "$out/summary_verify.md" "$out/verify.json" \
+    "banks:$out/verify_banks.xml:lenient" "triton float32:$out/verify_triton_fp32.xml:lenient"
+  local rc3=$?
+  local banks="--device cuda --dtype bfloat16 --backends torch,triton,cuda"
+  timeout "$(cap 120)" "$py" benchmarks/bench_adapter_banks.py $banks --out "$out/adapter_banks_cuda.json" 2>&1 \
+    | tee "$out/bench_adapter_banks.log"
+  local rc4=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] && [ "$rc2" = 0 ] && [ "$rc3" = 0 ] && [ "$rc4" = 0 ] || status=1
+}
+
 run_tests() {
   local junit="$out/tests_gpu.xml"
-  SPECTRAL_KERNELS_CUDA_SYNC=1 timeout 420 "$py" -m pytest -q -rs -m gpu -p no:cacheprovider \
+  SPECTRAL_KERNELS_CUDA_SYNC=1 timeout "$(cap 420)" "$py" -m pytest -q -rs -m gpu -p no:cacheprovider \
     --timeout 300 --junitxml "$junit" tests 2>&1 | tee "$out/tests_gpu.log"
   local rc=${PIPESTATUS[0]}
   # Triton tests that are not marked gpu run on CUDA here too (the interpreter is off).
-  SPECTRAL_KERNELS_CUDA_SYNC=1 timeout 240 "$py" -m pytest -q -rs -p no:cacheprovider --timeout 200 \
+  SPECTRAL_KERNELS_CUDA_SYNC=1 timeout "$(cap 240)" "$py" -m pytest -q -rs -p no:cacheprovider --timeout 200 \
     -m "not gpu" --junitxml "$out/tests_triton.xml" tests/ops/test_spectral_linear_triton.py 2>&1 | tee "$out/tests_triton.log"
   local rc2=${PIPESTATUS[0]}
   "$py" benchmarks/gpu/summarize_junit.py "$out/summary_tests.md" "$out/tests.json" \
@@ -73,7 +103,7 @@ run_sanitize() {
   : >"$out/summary_sanitize.md"
   for tool in memcheck racecheck synccheck; do
     local t0=$SECONDS
-    timeout 60 "$cs" --tool "$tool" --kernel-name kns=spectral_kernels --error-exitcode 99 --print-limit 20 \
+    timeout "$(cap 60)" "$cs" --tool "$tool" --kernel-name kns=spectral_kernels --error-exitcode 99 --print-limit 20 \
       "$py" -m pytest -q -x -p no:cacheprovider tests/ops/test_spectral_linear_cuda.py \
       tests/ops/test_spectral_linear_cuda_banks.py -k "$sel" \
       >"$out/sanitize_$tool.log" 2>&1
@@ -87,31 +117,32 @@ run_sanitize() {
 }
 
 run_bench() {
-  timeout 300 "$py" benchmarks/gpu/bench_goals.py --out "$out" 2>&1 | tee "$out/bench_goals.log"
+  timeout "$(cap 300)" "$py" benchmarks/gpu/bench_goals.py --out "$out" 2>&1 | tee "$out/bench_goals.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  timeout 240 "$py" benchmarks/gpu/bench_svd_7b.py --out "$out" 2>&1 | tee "$out/bench_svd_7b.log"
+  timeout "$(cap 200)" "$py" benchmarks/gpu/bench_svd_7b.py --out "$out" 2>&1 | tee "$out/bench_svd_7b.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   # Adapter banks: one JSON line per (N, backend) in the log as it goes, the JSON file at the end.
   local banks="--device cuda --dtype bfloat16 --backends torch,triton,cuda"
-  timeout 240 "$py" benchmarks/bench_adapter_banks.py $banks --out "$out/adapter_banks_cuda.json" 2>&1 \
+  timeout "$(cap 120)" "$py" benchmarks/bench_adapter_banks.py $banks --out "$out/adapter_banks_cuda.json" 2>&1 \
     | tee "$out/bench_adapter_banks.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  timeout 180 "$py" benchmarks/bench_adapter_banks.py $banks --batch 16 --seq 1 \
+  timeout "$(cap 90)" "$py" benchmarks/bench_adapter_banks.py $banks --batch 16 --seq 1 \
     --out "$out/adapter_banks_cuda_decode.json" 2>&1 | tee "$out/bench_adapter_banks_decode.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 }
 
 run_tune() {
-  timeout 400 "$py" benchmarks/gpu/tune_plans.py --out "$out" 2>&1 | tee "$out/tune.log"
+  timeout "$(cap 400)" "$py" benchmarks/gpu/tune_plans.py --out "$out" 2>&1 | tee "$out/tune.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 }
 
 case "$stage" in
+  verify) run_verify ;;
   tune) run_tune ;;
   tests) run_tests ;;
   sanitize) run_sanitize ;;
   bench) run_bench ;;
-  all) run_tests; run_sanitize; run_bench ;;
+  all) run_verify; run_tests; run_sanitize; run_bench ;;  # past one command's limit: for a longer lease
 esac
 echo "stage '$stage': $([ $status = 0 ] && echo passed || echo FAILED) in $SECONDS s; results in $out"
 exit $status
