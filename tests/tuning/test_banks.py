@@ -57,9 +57,11 @@ def test_added_adapter_is_identity_and_only_active_trains(mode):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_mixed_batch_equals_each_sample_alone(mode, backend):
-    model = _three_tasks(mode, backend)
+    # triton runs on CPU tensors under the interpreter, else on the GPU
+    device = "cuda" if backend == "triton" and not triton_interpret_enabled() else "cpu"
+    model = _three_tasks(mode, backend).to(device)
     names = ["b", "default", "a", "b", "a"]
-    x = torch.randn(5, 6, 13)  # [batch, seq, in]: the index broadcasts over seq
+    x = torch.randn(5, 6, 13, device=device)  # [batch, seq, in]: the index broadcasts over seq
     with torch.no_grad(), sk.adapter_batch(model, names):
         y = model(x)
     for i, name in enumerate(names):
