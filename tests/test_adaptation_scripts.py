@@ -1,5 +1,6 @@
 """benchmarks/adaptation: the task splits, one real (tiny) training run on MiniLM-L6 with the update
 meter of diagnose_speclora.py, the sweep's run bookkeeping and the report's statistics."""
+import argparse
 import json
 import statistics
 import sys
@@ -98,3 +99,27 @@ def test_report_means_and_stds(tmp_path):
     # budget = the fastest method's 300 steps (lora: 30 s): full fine-tuning gets 100 steps of it
     assert "| full | 0.700 (n=1) | 100 |" in text
     assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 0
+
+
+def test_child_processes_answer_their_specs_in_job_order(tmp_path):
+    """run_children / serve_child / add_child_args: each job spec goes to its own process of the
+    script and comes back as that process's JSON row, in job order; a failed child is an error row."""
+    script = tmp_path / "doubler.py"
+    script.write_text(
+        "import argparse, sys\n"
+        f"sys.path.insert(0, {str(ADAPTATION)!r})\n"
+        "from common import add_child_args, serve_child\n"
+        "def child(spec):\n"
+        "    if spec['x'] < 0:\n"
+        "        raise ValueError('negative')\n"
+        "    return {'x2': 2 * spec['x']}\n"
+        "ap = argparse.ArgumentParser(); add_child_args(ap)\n"
+        "assert serve_child(ap.parse_args(), child)\n")
+    done = []
+    rows = common.run_children(str(script), [{"x": 3}, {"x": -1}, {"x": 5}], 2, lambda i, row: done.append(i))
+    assert [r.get("x2") for r in rows] == [6, None, 10] and sorted(done) == [0, 1, 2]
+    assert "negative" in rows[1]["error"] and all(r["wall_s"] > 0 for r in (rows[0], rows[2]))
+    ap = argparse.ArgumentParser()
+    common.add_child_args(ap)
+    args = ap.parse_args([])
+    assert (args.workers, args.child) == (2, None) and not common.serve_child(args, lambda spec: {})

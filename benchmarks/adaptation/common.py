@@ -256,6 +256,35 @@ def train(cfg: RunConfig, on_step: Callable | None = None, model=None) -> dict:
     return row
 
 
+def add_child_args(ap) -> None:
+    """The arguments every script that runs its jobs through :func:`run_children` takes:
+    ``--workers``, ``--svd-cache-dir`` and the hidden ``--child JSON`` of a child process."""
+    import argparse
+
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--svd-cache-dir", default="/tmp/spectral_svd_cache")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def serve_child(args, child: Callable[[dict], dict]) -> bool:
+    """In a child process (``--child`` given): print ``child(spec)`` as the one JSON row
+    :func:`run_parallel` reads, and return True; else False."""
+    import json
+
+    if not args.child:
+        return False
+    print(json.dumps(child(json.loads(args.child))))
+    return True
+
+
+def run_children(script: str, jobs: list[dict], workers: int, on_done: Callable | None = None) -> list[dict]:
+    """Each job spec in its own process, ``python script --child JSON`` (answered by
+    :func:`serve_child`), ``workers`` at a time; rows in job order."""
+    import json
+
+    return run_parallel([[sys.executable, script, "--child", json.dumps(j)] for j in jobs], workers, on_done)
+
+
 def run_parallel(commands: list[list[str]], workers: int, on_done: Callable | None = None) -> list[dict]:
     """Run each command (a script printing one JSON row as its last stdout line) in its own process,
     ``workers`` at a time; rows in command order (``{"error": ...}`` for a failed one).

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RunConfig, build_model, environment, run_parallel, train  # noqa: E402
+from common import RunConfig, add_child_args, build_model, environment, run_children, serve_child, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # name: (method, lr, extra RunConfig fields)
@@ -167,21 +167,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--svd-cache-dir", default="/tmp/spectral_svd_cache")
     ap.add_argument("--json", default=str(HERE / "results" / "speclora_diagnosis.json"))
     ap.add_argument("--report", action="store_true", help="only write the table and plot of --json")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
+    add_child_args(ap)
     args = ap.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    if serve_child(args, child):
         return 0
     if args.report:
         print(report(Path(args.json)))
         return 0
     jobs = [{"variant": v, "task": args.task, "seed": int(s), "steps": args.steps, "svd_cache_dir": args.svd_cache_dir}
             for s in args.seeds.split(",") for v in args.variants.split(",")]
-    cmds = [[sys.executable, __file__, "--child", json.dumps(j)] for j in jobs]
 
     def done(i, row):
         if "error" in row:
@@ -194,7 +190,7 @@ def main(argv=None) -> int:
               f"lora {at[10]['lora_step']:.2e} | step-300 total spec {u[-1]['spec_total']:.3f} lora {u[-1]['lora_total']:.3f}",
               flush=True)
 
-    rows = run_parallel(cmds, args.workers, done)
+    rows = run_children(__file__, jobs, args.workers, done)
     out = {"command": "python benchmarks/adaptation/diagnose_speclora.py " + " ".join(argv or sys.argv[1:]),
            **environment(), "variants": {k: [v[0], v[1], v[2]] for k, v in VARIANTS.items()}, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import METHODS, TASKS, RunConfig, environment, run_parallel, train  # noqa: E402
+from common import METHODS, TASKS, RunConfig, add_child_args, environment, run_children, serve_child, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "sweep"
@@ -127,14 +127,11 @@ def main(argv=None) -> int:
     ap.add_argument("--large-lr", type=float, default=5e-4)
     ap.add_argument("--large-steps", type=int, default=300, help="weights: <task>_full_large[<steps>].safetensors")
     ap.add_argument("--weights", default="/tmp/repro/weights", help="where the large-update weights go")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--svd-cache-dir", default="/tmp/spectral_svd_cache")
     ap.add_argument("--out", default=str(RESULTS / "runs.jsonl"))
     ap.add_argument("--dry-run", action="store_true", help="list the runs a phase would start")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
+    add_child_args(ap)
     args = ap.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    if serve_child(args, child):
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +161,7 @@ def main(argv=None) -> int:
                       f"{row['train_loss_last10']:.3f} step {1e3 * row['step_time_s']:.0f} ms wall {row['wall_s']:.0f} s",
                       flush=True)
 
-        run_parallel([[sys.executable, __file__, "--child", json.dumps(j)] for j in jobs], args.workers, record)
+        run_children(__file__, jobs, args.workers, record)
     return 0
 
 
