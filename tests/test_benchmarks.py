@@ -1,9 +1,11 @@
 """The benchmark scripts' arithmetic and a smoke run on CPU (timings themselves are not asserted)."""
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,11 +76,9 @@ def test_adapter_bank_bench_rows():
         assert r["mixed_over_single"] == r["spectral_mixed_ms"] / r["spectral_single_ms"]
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU path of run.sh")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path of run.sh")
 @pytest.mark.parametrize("stage", ["verify", "tests", "sanitize", "bench", "tune", "all"])
 def test_gpu_run_script_skips_every_stage_without_a_gpu(stage, tmp_path):
-    import subprocess
-
     done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), stage, str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -86,8 +86,6 @@ def test_gpu_run_script_skips_every_stage_without_a_gpu(stage, tmp_path):
 
 
 def test_gpu_run_script_rejects_an_unknown_stage(tmp_path):
-    import subprocess
-
     done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "benchmark", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "unknown stage 'benchmark'" in done.stderr
@@ -97,8 +95,6 @@ def test_gpu_run_script_rejects_an_unknown_stage(tmp_path):
 def test_gpu_run_script_cuts_each_step_to_the_stage_budget(elapsed, asked, want):
     """run.sh's cap(): a step gets what it asks for, or what is left of SK_STAGE_SECONDS (540)
     less 20 s for the summary, and never under 10 s."""
-    import subprocess
-
     line = next(l for l in (ROOT / "benchmarks/gpu/run.sh").read_text().splitlines() if l.startswith("cap()"))
     script = f"budget=540; SECONDS={elapsed}; {line}; cap {asked}"
     assert subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout.strip() == str(want)

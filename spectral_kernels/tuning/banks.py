@@ -63,7 +63,11 @@ def _layers(model: nn.Module, what: str, *, outside_batch: bool = False) -> dict
 
 def list_adapters(model: nn.Module) -> list[str]:
     """The adapter names of the model ("default" first)."""
-    return next(iter(spectral_layers(unwrap(model)).values())).adapter_names()
+    return _adapter_names(spectral_layers(unwrap(model)))
+
+
+def _adapter_names(layers: dict[str, SpectralLinear]) -> list[str]:
+    return next(iter(layers.values())).adapter_names()  # every layer holds the same names
 
 
 def active_adapter(model: nn.Module) -> str:
@@ -128,7 +132,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]
     layers = _layers(model, "adapter_batch")
     if isinstance(names, str) or not len(names):
         raise ValueError(f"adapter_batch: names must be a non-empty list of adapter names, one per sample; got {names!r}")
-    known = next(iter(layers.values())).adapter_names()  # every layer holds the same names
+    known = _adapter_names(layers)
     unknown = sorted(set(names) - set(known), key=str)
     if unknown:
         raise ValueError(f"adapter_batch: no adapter {unknown[0]!r}; the model's adapters are {known}")
