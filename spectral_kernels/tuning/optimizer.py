@@ -24,15 +24,12 @@ from spectral_kernels.tuning.inject import spectral_layers, unwrap
 __all__ = ["param_groups"]
 
 
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"param_groups: {name} must be a finite number > 0; got {value!r}")
-    return float(value)
-
-
-def _non_negative(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"param_groups: {name} must be a finite number >= 0; got {value!r}")
+def _number(name: str, value: float, *, zero_ok: bool) -> float:
+    """``value`` as a float when it is a finite number > 0 (>= 0 with ``zero_ok``); else ValueError."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+        and (value >= 0 if zero_ok else value > 0)
+    if not ok:
+        raise ValueError(f"param_groups: {name} must be a finite number {'>=' if zero_ok else '>'} 0; got {value!r}")
     return float(value)
 
 
@@ -71,11 +68,11 @@ def param_groups(
     Raises:
         ValueError: the model has no spectral layer, or a number is out of range (named).
     """
-    lr = _positive("lr", lr)
-    coeff_lr_ratio = _positive("coeff_lr_ratio", coeff_lr_ratio)
-    lora_lr_ratio = _positive("lora_lr_ratio", lora_lr_ratio)
-    weight_decay = _non_negative("weight_decay", weight_decay)
-    coeff_weight_decay = _non_negative("coeff_weight_decay", coeff_weight_decay)
+    lr = _number("lr", lr, zero_ok=False)
+    coeff_lr_ratio = _number("coeff_lr_ratio", coeff_lr_ratio, zero_ok=False)
+    lora_lr_ratio = _number("lora_lr_ratio", lora_lr_ratio, zero_ok=False)
+    weight_decay = _number("weight_decay", weight_decay, zero_ok=True)
+    coeff_weight_decay = _number("coeff_weight_decay", coeff_weight_decay, zero_ok=True)
     layers = spectral_layers(unwrap(model))
     if not layers:
         raise ValueError("param_groups: the model has no spectral layer; call adapt(model, config) first")
