@@ -4,7 +4,7 @@ The primitive is ``y = x·Wᵀ + ((x·V) ⊙ d)·Uᵀ + b`` (:func:`spectral_lin
 wrapped as a drop-in ``nn.Linear`` replacement (:class:`SpectralLinear`), the batched truncated SVD
 its layers start from (:func:`truncated_svd`, :func:`batched_truncated_svd`), and the adaptation API
 in peft's shape (``sk.adapt(model, sk.SpectralConfig(...))``, ``sk.save_pretrained`` /
-``sk.from_pretrained``, adapter files, merging), implemented in ``spectral_kernels.tuning``.
+``sk.from_pretrained``, adapter files, merging, export to peft LoRA folders and merged checkpoints), implemented in ``spectral_kernels.tuning``.
 """
 from spectral_kernels.backends import (
     BackendUnavailableError,
@@ -25,6 +25,7 @@ from spectral_kernels.tuning import (
     adapter_parameters,
     add_adapter,
     delete_adapter,
+    export_peft,
     from_pretrained,
     list_adapters,
     load_adapter,
@@ -32,6 +33,7 @@ from spectral_kernels.tuning import (
     param_groups,
     print_trainable_parameters,
     save_adapter,
+    save_merged,
     save_pretrained,
     set_adapter,
     unload,
@@ -55,6 +57,7 @@ __all__ = [
     "backend_status",
     "batched_truncated_svd",
     "delete_adapter",
+    "export_peft",
     "from_pretrained",
     "list_adapters",
     "load_adapter",
@@ -62,6 +65,7 @@ __all__ = [
     "param_groups",
     "print_trainable_parameters",
     "save_adapter",
+    "save_merged",
     "save_pretrained",
     "set_adapter",
     "spectral_linear",

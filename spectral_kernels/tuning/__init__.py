@@ -6,7 +6,8 @@
 
 Modules, bottom to top: ``config`` (SpectralConfig), ``fingerprints`` (base-weight fingerprints),
 ``inject`` (adapt), ``banks`` (named adapters, mixed-task batches), ``adapter_io`` (single-file
-adapters), ``merge``, ``optimizer`` (parameter groups), ``folder`` (adapter folders, transformers' save_pretrained and Trainer).
+adapters), ``merge``, ``optimizer`` (parameter groups), ``folder`` (adapter folders, transformers' save_pretrained and Trainer),
+``export`` (peft LoRA folders for peft / vLLM / SGLang), ``merged_checkpoint`` (full merged checkpoints).
 """
 from spectral_kernels.tuning.adapter_io import (
     AdapterInfo,
@@ -26,6 +27,7 @@ from spectral_kernels.tuning.banks import (
     set_adapter,
 )
 from spectral_kernels.tuning.config import SpectralConfig
+from spectral_kernels.tuning.export import VLLM_LORA_RANKS, PureFormExportError, export_peft
 from spectral_kernels.tuning.fingerprints import fingerprint
 from spectral_kernels.tuning.folder import from_pretrained, read_folder, save_pretrained
 from spectral_kernels.tuning.inject import (
@@ -37,13 +39,16 @@ from spectral_kernels.tuning.inject import (
     spectral_layers,
 )
 from spectral_kernels.tuning.merge import merge_adapter, unload, unmerge
+from spectral_kernels.tuning.merged_checkpoint import save_merged
 from spectral_kernels.tuning.optimizer import param_groups
 
 __all__ = [
     "AdaptReport",
     "AdapterInfo",
     "AdapterMismatchError",
+    "PureFormExportError",
     "SpectralConfig",
+    "VLLM_LORA_RANKS",
     "active_adapter",
     "adapt",
     "adapter_batch",
@@ -52,6 +57,7 @@ __all__ = [
     "add_adapter",
     "count_parameters",
     "delete_adapter",
+    "export_peft",
     "find_targets",
     "fingerprint",
     "from_pretrained",
@@ -63,6 +69,7 @@ __all__ = [
     "read_adapter",
     "read_folder",
     "save_adapter",
+    "save_merged",
     "save_pretrained",
     "set_adapter",
     "spectral_layers",

@@ -51,3 +51,13 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    quiet_transformers()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
