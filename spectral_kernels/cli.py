@@ -3,7 +3,10 @@
     spectral-kernels info                  versions, backends (and why each is or is not available), device
     spectral-kernels bench [--json PATH]   SpectralLinear vs frozen nn.Linear vs eager chain vs peft LoRA
     spectral-kernels analyze BASE TUNED [TUNED ...] --k K --out DIR
-                                           how fine-tuning moved each weight's spectrum (markdown, JSON, PNGs)
+                                           how fine-tuning moved each weight's spectrum (markdown, JSON, PNGs);
+                                           a TUNED may be a spectral adapter (folder or file), merged into BASE
+    spectral-kernels export BASE ADAPTER OUT [--format peft|merged]
+                                           a peft LoRA folder (peft, vLLM, SGLang) or a merged checkpoint
 """
 from __future__ import annotations
 
@@ -68,7 +71,8 @@ def _analyze(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from spectral_kernels.analysis import compare, load_state_dict, shared_basis, shared_summary, summarize, to_json
+    from spectral_kernels.analysis import (compare, load_state_dict, load_tuned, shared_basis, shared_summary,
+                                           summarize, to_json)
     from spectral_kernels.analysis.report import MATPLOTLIB_HINT, plot_all, plot_shared
 
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
@@ -82,9 +86,9 @@ def _analyze(args: argparse.Namespace) -> int:
     paths = [args.base, *args.tuned]
     labels = _labels(args.tuned)
     states = {}
-    for path in tqdm(paths, desc="loading", unit="model", disable=args.no_progress):
-        try:
-            states[path] = load_state_dict(path)
+    for i, path in enumerate(tqdm(paths, desc="loading", unit="model", disable=args.no_progress)):
+        try:  # a tuned path may be a spectral adapter (folder or file): merged into the base
+            states[path] = load_state_dict(path) if i == 0 else load_tuned(path, states[args.base])
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -113,6 +117,73 @@ def _analyze(args: argparse.Namespace) -> int:
     json.loads((out / "analysis.json").read_text())  # valid JSON, no NaN
     print(f"wrote {out / 'summary.md'}, {out / 'analysis.json'} and {len(plots)} plot(s) to {out}")
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import os
+
+    from tqdm.auto import tqdm
+
+    import spectral_kernels as sk
+    from spectral_kernels.tuning.merged_checkpoint import adapter_file
+
+    if adapter_file(args.adapter) is None:
+        what = "does not exist" if not os.path.exists(args.adapter) else "is not a spectral adapter"
+        print(f"error: ADAPTER {args.adapter!r} {what}: expected a folder written by spectral_kernels.save_pretrained "
+              "(with spectral_config.json) or a .safetensors file written by spectral_kernels.save_adapter",
+              file=sys.stderr)
+        return 2
+    progress = False if args.no_progress else None
+    steps = tqdm(total=3, desc="export", unit="step", disable=progress is False)
+    steps.set_postfix_str("loading the base")
+    try:
+        model = _load_base(args.base)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot load BASE {args.base!r} with transformers: {exc}", file=sys.stderr)
+        return 2
+    steps.update()
+    steps.set_postfix_str("loading the adapter")
+    if os.path.isdir(args.adapter):
+        sk.from_pretrained(model, args.adapter)
+    else:
+        sk.load_adapter(model, args.adapter)
+    steps.update()
+    steps.set_postfix_str(f"writing {args.format}")
+    try:
+        if args.format == "peft":
+            rank = None if args.rank == "own" else int(args.rank) if args.rank.isdigit() else args.rank
+            written = sk.export_peft(model, args.out, adapter=args.adapter_name, rank=rank, dtype=args.dtype,
+                                     max_lora_rank=args.max_lora_rank, overwrite=args.overwrite, progress=progress)
+        else:
+            written = {args.adapter_name or "merged": sk.save_merged(model, args.out, adapter=args.adapter_name,
+                                                                     overwrite=args.overwrite)}
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    steps.update()
+    steps.close()
+    for name, folder in written.items():
+        print(f"wrote {args.format} {name!r} to {folder}")
+    return 0
+
+
+def _load_base(base: str):
+    """The base model of a transformers folder or name, as the class its config names (else AutoModel),
+    in the dtype it was saved in."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(base)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModel
+    return cls.from_pretrained(base, dtype="auto").eval()
+
+
+def _rank(text: str) -> str:
+    if text in ("vllm", "max", "own") or (text.isdigit() and int(text) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"must be vllm, max, own or a positive integer, got {text!r}")
 
 
 def _labels(paths: list[str]) -> list[str]:
@@ -152,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     analyze = sub.add_parser("analyze", help="spectral comparison of fine-tuned weights with their base")
     analyze.add_argument("base", help="safetensors file, torch state_dict file or Hugging Face model folder")
-    analyze.add_argument("tuned", nargs="+", help="one or more fine-tuned models (same formats)")
+    analyze.add_argument("tuned", nargs="+", help="one or more fine-tuned models (same formats), or spectral adapters "
+                         "(a folder from sk.save_pretrained, a file from sk.save_adapter), merged into BASE")
     analyze.add_argument("--k", type=_positive, default=16, help="leading singular triplets per weight (default 16)")
     analyze.add_argument("--out", required=True, help="folder for summary.md, analysis.json and the PNG plots")
     analyze.add_argument("--include", default=None, help="regex: only weights whose name matches")
@@ -160,6 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bars")
     analyze.set_defaults(func=_analyze)
+    export = sub.add_parser("export", help="write an adapter as a peft LoRA folder (peft, vLLM, SGLang) or a merged "
+                            "checkpoint")
+    export.add_argument("base", help="the base model: a transformers model folder or hub name (loaded as its "
+                        "config's architecture)")
+    export.add_argument("adapter", help="adapter folder (sk.save_pretrained) or file (sk.save_adapter)")
+    export.add_argument("out", help="output folder")
+    export.add_argument("--format", choices=["peft", "merged"], default="peft",
+                        help="peft: adapter_config.json + adapter_model.safetensors (default); merged: a full "
+                        "checkpoint for AutoModel.from_pretrained")
+    export.add_argument("--adapter-name", default=None, help="the named adapter to export (default: all for peft, "
+                        "the active one for merged)")
+    export.add_argument("--rank", type=_rank, default="vllm", help="peft rank: vllm (pad to vLLM's next rank, "
+                        "default), max (the largest layer rank), own (each layer's, with rank_pattern) or an integer")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="dtype of the saved LoRA tensors (default: the model's)")
+    export.add_argument("--max-lora-rank", type=_positive, default=None,
+                        help="warn where a layer's rank exceeds this serving limit")
+    export.add_argument("--overwrite", action="store_true", help="replace an adapter or checkpoint already in OUT")
+    export.add_argument("--no-progress", action="store_true", help="no progress bars")
+    export.set_defaults(func=_export)
     return parser
 
 

@@ -17,7 +17,7 @@ from spectral_kernels.analysis.comparison import (
     similarity_curve,
     subspace_similarity,
 )
-from spectral_kernels.analysis.io import load_state_dict
+from spectral_kernels.analysis.io import load_state_dict, load_tuned
 from spectral_kernels.analysis.report import shared_summary, summarize, to_json
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "compare",
     "layer_type",
     "load_state_dict",
+    "load_tuned",
     "matching_weights",
     "shared_basis",
     "shared_summary",

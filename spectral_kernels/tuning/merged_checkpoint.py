@@ -1,19 +1,30 @@
-"""save_merged: a full checkpoint of an adapted model that plain transformers loads.
+"""Merged weights: a full checkpoint of an adapted model (``save_merged``), and the tuned weights of
+a base state_dict plus an adapter file, with no model (``merged_state_dict``).
 
 Every spectral layer is merged into the dense layer it computes now (:func:`merge_adapter`: an
 nn.Linear with W + U·diag(d)·Vᵀ, a Conv1D for GPT-2 targets, Q(Ŵ + ΔW) on quantized bases, with
 its warning), the model is written by its own ``save_pretrained`` (so tied weights stay tied and
 the config and dtype are the model's), and the layers are put back (:func:`unmerge`): the adapted
 model is left as it was, coefficients, hooks and all.
+
+:func:`merged_state_dict` needs no model class: it takes the base's state_dict and an adapter file
+or folder, checks every adapted layer's base weight against the adapter's fingerprint, rebuilds the
+layer as adapt() would (same SVD options and seed, or the stored basis) and returns the base
+state_dict with each adapted weight replaced by its merged weight (and the trained biases and
+``modules_to_save`` tensors) — what ``spectral-kernels analyze BASE ADAPTER`` compares.
 """
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from spectral_kernels.tuning.folder import _KEYS_ATTR, _hf_config
-from spectral_kernels.tuning.inject import spectral_layers, unwrap
+from spectral_kernels.tuning.adapter_io import META_CONFIG, AdapterMismatchError, read_adapter
+from spectral_kernels.tuning.fingerprints import compare_fingerprints, fingerprint
+from spectral_kernels.tuning.folder import _KEYS_ATTR, ADAPTER_NAME, CONFIG_NAME, _hf_config, read_folder
+from spectral_kernels.tuning.inject import _batched_svd, _build, spectral_layers, unwrap
 from spectral_kernels.tuning.merge import MERGED_ATTR, merge_adapter, unmerge
 
 #: files whose presence means a folder already holds a model checkpoint
@@ -69,3 +80,104 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, *, adapter: str 
         if hasattr(m, _KEYS_ATTR):
             m._keys_to_ignore_on_save = saved_keys
     return directory
+
+
+# --- without a model: a base state_dict and an adapter file ----------------------------------------
+def adapter_file(path: str | os.PathLike) -> str | None:
+    """The adapter file of ``path`` if it is a spectral adapter (a folder written by
+    :func:`spectral_kernels.save_pretrained`, or a file written by :func:`spectral_kernels.save_adapter`),
+    else None."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            return None
+        return os.path.join(path, read_folder(path).get("adapter_file", ADAPTER_NAME))
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not a readable safetensors file: not an adapter either
+        return None
+    return path if META_CONFIG in meta else None
+
+
+def _base_key(base: Mapping[str, Tensor], name: str, leaf: str) -> str | None:
+    """The key of ``{name}.{leaf}`` in the base state_dict, allowing one side an extra leading
+    prefix (a bare ``encoder.…`` checkpoint for a ``bert.encoder.…`` adapter, or the other way)."""
+    exact = f"{name}.{leaf}"
+    if exact in base:
+        return exact
+    hits = [k for k in base if k.endswith("." + leaf) and (
+        exact.endswith("." + k) or k.endswith("." + exact))]
+    return hits[0] if len(hits) == 1 else None
+
+
+@torch.no_grad()
+def merged_state_dict(base: Mapping[str, Tensor], adapter: str | os.PathLike) -> dict[str, Tensor]:
+    """The base state_dict with an adapter merged in (module docstring), same keys and dtypes.
+
+    Args:
+        base: the base model's state_dict (weights in their stored layout: a GPT-2 Conv1D's [in, out]).
+        adapter: an adapter folder or file saved by spectral_kernels.
+
+    Raises:
+        ValueError: ``adapter`` is not a spectral adapter.
+        AdapterMismatchError: an adapted layer's weight is missing from ``base`` or is not the
+            weight the adapter was trained on (the layer is named).
+    """
+    path = adapter_file(adapter)
+    if path is None:
+        raise ValueError(f"{os.fspath(adapter)!r} is not a spectral adapter (a folder with {CONFIG_NAME} or a "
+                         ".safetensors file saved by spectral_kernels.save_adapter)")
+    config, layer_meta, tensors = read_adapter(path)
+    out = dict(base)
+    weights: dict[str, tuple[str, Tensor]] = {}
+    for name, meta in layer_meta.items():
+        key = _base_key(base, name, "weight")
+        if key is None:
+            raise AdapterMismatchError(f"layer {name!r} of adapter {path!r} has no weight '{name}.weight' in the base")
+        W = base[key].t() if meta["source"] == "conv1d" else base[key]
+        if "quant" in meta["fingerprint"]:
+            raise AdapterMismatchError(f"layer {name!r}: the adapter was trained on a quantized base "
+                                       f"({meta['fingerprint']['quant'].get('kind')}); merge it with the model itself")
+        diff = compare_fingerprints(meta["fingerprint"], fingerprint(W))
+        if diff is not None:
+            raise AdapterMismatchError(f"layer {name!r}: {diff}")
+        weights[name] = (key, W)
+    factors = {}
+    if all(f"{n}.U" in tensors for n in layer_meta):
+        factors = {n: (tensors.pop(f"{n}.U"), tensors.pop(f"{n}.s"), tensors.pop(f"{n}.V")) for n in layer_meta}
+    else:
+        by_k: dict[int, dict[str, Tensor]] = {}
+        for n, meta in layer_meta.items():
+            by_k.setdefault(meta["rank"], {})[n] = weights[n][1]
+        for k, mats in by_k.items():
+            factors.update(_batched_svd(mats, k, config))
+    for name, meta in layer_meta.items():
+        key, W = weights[name]
+        bias_key = _base_key(base, name, "bias") if meta.get("bias") else None
+        if meta.get("bias") and bias_key is None:
+            raise AdapterMismatchError(f"layer {name!r} of adapter {path!r} has a bias but the base has no '{name}.bias'")
+        linear = nn.Linear(W.shape[1], W.shape[0], bias=bias_key is not None, dtype=W.dtype)
+        linear.weight.copy_(W)
+        if bias_key is not None:
+            linear.bias.copy_(base[bias_key])
+        layer = _build(linear, meta["rank"], factors[name], config)
+        layer.coeffs.copy_(tensors.pop(f"{name}.coeffs"))
+        for leaf in ("lora_A", "lora_B", "bias"):
+            if f"{name}.{leaf}" in tensors:
+                getattr(layer, leaf).copy_(tensors.pop(f"{name}.{leaf}"))
+                if leaf == "bias":
+                    out[bias_key] = layer.bias.detach().clone()
+        merged = layer.merged_weight()
+        out[key] = (merged.t() if meta["source"] == "conv1d" else merged).contiguous()
+    for n, t in tensors.items():  # modules_to_save and anything else trained
+        module, _, leaf = n.rpartition(".")
+        key = _base_key(base, module, leaf)
+        if key is None:
+            raise AdapterMismatchError(f"adapter tensor {n!r} has no counterpart in the base")
+        out[key] = t
+    return out

@@ -159,8 +159,6 @@ def test_bias_and_modules_to_save_travel_as_peft_writes_them(tmp_path):
 
 
 def test_bias_of_a_bank_goes_with_one_adapter(tmp_path):
-    base, model = _adapted("llama", "scale", train_bias=False)
-    sk.add_adapter(model, "b")
     base2, model2 = _adapted("bert", "scale", train_bias=True)
     sk.add_adapter(model2, "b")
     with pytest.warns(UserWarning, match="travel with adapter 'default' only"):
@@ -314,6 +312,13 @@ def test_quantized_base_export_says_what_it_is_the_delta_of(tmp_path):
     up = model.up
     A, B = lora_factors(up)
     torch.testing.assert_close(B @ A, up.delta_weight().double(), rtol=0, atol=1e-5)
+    from tests.tuning.test_quantized import _x
+
+    x = _x()
+    with torch.no_grad():
+        want = model(x)
+        got = _peft(quantized_net("bnb-int8"), tmp_path)(x)  # peft's LoRA on the same quantized base
+    assert _rel(got, want) < 1e-5
 
 
 # --- merged checkpoints -------------------------------------------------------------------------
@@ -375,3 +380,38 @@ def test_save_merged_bad_input(tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == before
     sk.save_merged(model, tmp_path / "a", overwrite=True)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() != before
+
+
+# --- merged weights without a model (what `spectral-kernels analyze BASE ADAPTER` compares) -------------
+@pytest.mark.parametrize("include_basis", [False, True])
+def test_merged_state_dict_equals_the_merged_model(include_basis, tmp_path):
+    from spectral_kernels.tuning.merged_checkpoint import merged_state_dict
+
+    base, model = _adapted("gpt2", "speclora", train_bias=True, modules_to_save=["ln_f"])
+    sk.save_adapter(model, tmp_path / "a.safetensors", include_basis=include_basis)
+    state = merged_state_dict(base.state_dict(), tmp_path / "a.safetensors")
+    want = sk.merge_adapter(copy.deepcopy(model)).state_dict()
+    assert state.keys() == base.state_dict().keys()
+    for key, t in state.items():
+        torch.testing.assert_close(t, want[key], rtol=0, atol=2e-6, msg=key)
+    assert not torch.equal(state["transformer.h.0.attn.c_attn.weight"], base.state_dict()["transformer.h.0.attn.c_attn.weight"])
+    # a checkpoint without the model prefix (the bare GPT2Model's keys) matches too
+    bare = {k.removeprefix("transformer."): v for k, v in base.state_dict().items() if k.startswith("transformer.")}
+    merged = merged_state_dict(bare, tmp_path / "a.safetensors")
+    torch.testing.assert_close(merged["h.1.mlp.c_fc.weight"], want["transformer.h.1.mlp.c_fc.weight"], rtol=0, atol=2e-6)
+
+
+def test_merged_state_dict_bad_input(tmp_path):
+    from spectral_kernels.tuning.adapter_io import AdapterMismatchError
+    from spectral_kernels.tuning.merged_checkpoint import merged_state_dict
+
+    base, model = _adapted("llama")
+    sk.save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="is not a spectral adapter"):
+        merged_state_dict(base.state_dict(), tmp_path / "nothing.safetensors")
+    state = base.state_dict()
+    del state["model.layers.1.self_attn.q_proj.weight"]
+    with pytest.raises(AdapterMismatchError, match="layer 'model.layers.1.self_attn.q_proj' .* has no weight"):
+        merged_state_dict(state, tmp_path / "a.safetensors")
+    with pytest.raises(AdapterMismatchError, match="layer 'model.layers.0.[a-z_.]+': base weight differs"):
+        merged_state_dict(tiny_llama(seed=3).state_dict(), tmp_path / "a.safetensors")
