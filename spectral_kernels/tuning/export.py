@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from spectral_kernels._version import __version__
+from spectral_kernels.tuning.adapter_io import _full
 from spectral_kernels.tuning.inject import CONFIG_ATTR, SOURCE_ATTR, spectral_layers, unwrap
 from spectral_kernels.nn.quantized import QuantizedSpectralLinear
 from spectral_kernels.nn.speclora import SpecLoRALinear
@@ -346,11 +347,6 @@ def export_peft(
             f"{names[0]!r} only ({folders[names[0]]}), since peft allows one adapter with a bias per model. Load "
             "that adapter first; another adapter loaded alone runs with the base's biases", UserWarning, stacklevel=2)
     return written
-
-
-def _full(t: Tensor) -> Tensor:
-    t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _write_json(path: str, obj: dict) -> None:

@@ -116,14 +116,16 @@ def test_factors_match_a_float64_reference_on_odd_shapes():
     torch.testing.assert_close(B @ A, ref, rtol=0, atol=1e-12)
 
 
-def test_a_bank_in_peft_mixed_batch_equals_adapter_batch(tmp_path):
-    base, model = _adapted("llama", "shift")
+@pytest.mark.parametrize("kind, mode, extra", [("llama", "shift", {}),
+                                               ("bert", "scale", {"modules_to_save": ["classifier"]})])
+def test_a_bank_in_peft_mixed_batch_equals_adapter_batch(kind, mode, extra, tmp_path):
+    base, model = _adapted(kind, mode, **extra)
     for i, name in enumerate(["sentiment", "topic"]):
         sk.add_adapter(model, name)
         with torch.no_grad():
             for p in sk.adapter_parameters(model, name):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + i)) * 0.3)
-    written = sk.export_peft(model, tmp_path / "bank")
+    written = _export(model, tmp_path / "bank")
     assert written == {"default": str(tmp_path / "bank"), "sentiment": str(tmp_path / "bank" / "sentiment"),
                        "topic": str(tmp_path / "bank" / "topic")}
     pm = _peft(base, tmp_path / "bank")
@@ -136,7 +138,7 @@ def test_a_bank_in_peft_mixed_batch_equals_adapter_batch(tmp_path):
     got = _logits(pm, x, adapter_names=names)
     assert _rel(got, want) < 1e-5
     # one adapter only, and exporting a chosen one
-    sk.export_peft(model, tmp_path / "one", adapter="topic")
+    _export(model, tmp_path / "one", adapter="topic")
     assert os.listdir(tmp_path / "one") == ["topic"]
 
 
@@ -161,8 +163,10 @@ def test_bias_and_modules_to_save_travel_as_peft_writes_them(tmp_path):
 def test_bias_of_a_bank_goes_with_one_adapter(tmp_path):
     base2, model2 = _adapted("bert", "scale", train_bias=True)
     sk.add_adapter(model2, "b")
-    with pytest.warns(UserWarning, match="travel with adapter 'default' only"):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         sk.export_peft(model2, tmp_path / "x")
+    assert any("travel with adapter 'default' only" in str(w.message) for w in record)
     assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["bias"] == "lora_only"
     assert json.loads((tmp_path / "x" / "b" / "adapter_config.json").read_text())["bias"] == "none"
     pm = _peft(base2, tmp_path / "x")
@@ -260,6 +264,9 @@ def test_bad_input_is_refused_and_nothing_is_touched(tmp_path):
     with pytest.raises(ValueError, match="floating dtype"):
         sk.export_peft(model, tmp_path / "x", dtype=torch.int8)
     assert not (tmp_path / "x").exists() and not (tmp_path / "none").exists()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+        sk.export_peft(model, tmp_path / "file")
 
     other_base, other = _adapted("llama", "shift")
     sk.export_peft(other, tmp_path / "held")
