@@ -292,8 +292,10 @@ def export_peft(
 
     # everything that can fail is computed before the first file is written
     save_modules = _modules_to_save(m)
+    # trained biases: train_bias in the config (a model frozen for inference since) or a trainable bias
+    train_bias = getattr(getattr(m, CONFIG_ATTR, None), "train_bias", False)
     biased = {n: layer for n, layer in layers.items()
-              if layer.bias is not None and layer.bias.requires_grad}
+              if layer.bias is not None and (train_bias or layer.bias.requires_grad)}
     quantized = {n: layer.quant_kind for n, layer in layers.items() if isinstance(layer, QuantizedSpectralLinear)}
     conv = [n for n, layer in layers.items() if getattr(layer, SOURCE_ATTR, "linear") == "conv1d"]
     common = max(set(ranks.values()), key=list(ranks.values()).count)

@@ -148,6 +148,7 @@ def test_bias_and_modules_to_save_travel_as_peft_writes_them(tmp_path):
     base, model = _adapted("bert", "scale", train_bias=True, modules_to_save=["classifier"])
     x = tokens(seed=5)
     want = _logits(model, x)
+    model.requires_grad_(False)  # frozen for inference: the trained biases still travel
     with pytest.warns(UserWarning) as record:
         sk.export_peft(model, tmp_path)
     text = " ".join(str(w.message) for w in record)
