@@ -138,15 +138,23 @@ def _export_ranks(layers: dict[str, SpectralLinear], rank: str | int | None) -> 
 
 
 # --- naming -----------------------------------------------------------------------------------------
-def _target_modules(model: nn.Module, layers: dict[str, SpectralLinear]) -> list[str]:
-    """peft's target_modules: the short names (``q_proj``) when they select exactly the adapted
-    layers among the model's modules, else the full names (peft matches either as a suffix)."""
+def _target_modules(model: nn.Module, layers: dict[str, SpectralLinear]) -> list[str] | str:
+    """peft's target_modules selecting exactly the adapted layers among the base's modules: the
+    short names (``q_proj``) when they do, else the full names, else (a full name that is also the
+    tail of another module's name) a regex of the full names. peft (and vLLM) match a list entry
+    as the whole name or a ``.``-separated suffix."""
+    import re
+
     inside = tuple(f"{n}." for n in layers)
-    others = [n for n, _ in model.named_modules() if n and n not in layers and not n.startswith(inside)]
-    short = sorted({n.rsplit(".", 1)[-1] for n in layers})
-    if not any(o == s or o.endswith("." + s) for o in others for s in short):
-        return short
-    return sorted(layers)
+    names = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
+
+    def selects(entries: list[str]) -> bool:
+        return {n for n in names if any(n == e or n.endswith("." + e) for e in entries)} == set(layers)
+
+    for entries in (sorted({n.rsplit(".", 1)[-1] for n in layers}), sorted(layers)):
+        if selects(entries):
+            return entries
+    return "^(?:" + "|".join(re.escape(n) for n in sorted(layers)) + ")$"
 
 
 def _modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
@@ -172,7 +180,7 @@ def base_model_name(model: nn.Module) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
-def _lora_config(*, r: int, target_modules: list[str], fan_in_fan_out: bool, bias: str,
+def _lora_config(*, r: int, target_modules: list[str] | str, fan_in_fan_out: bool, bias: str,
                  modules_to_save: list[str] | None, rank_pattern: dict[str, int], base_model: str | None,
                  task_type: str | None) -> dict[str, Any]:
     """adapter_config.json as peft writes it (through peft's LoraConfig when peft is installed)."""
@@ -187,7 +195,7 @@ def _lora_config(*, r: int, target_modules: list[str], fan_in_fan_out: bool, bia
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "fan_in_fan_out is set to True but ..." at config time
         config = LoraConfig(**fields).to_dict()
-    config["target_modules"] = target_modules  # LoraConfig turns the list into a set
+    config["target_modules"] = target_modules  # LoraConfig turns a list into a set
     config["peft_type"] = "LORA"
     if config.get("task_type") is not None:  # an enum in LoraConfig, its string in the file
         config["task_type"] = str(getattr(config["task_type"], "value", config["task_type"]))

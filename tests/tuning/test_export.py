@@ -425,3 +425,52 @@ def test_merged_state_dict_bad_input(tmp_path):
         merged_state_dict(state, tmp_path / "a.safetensors")
     with pytest.raises(AdapterMismatchError, match="layer 'model.layers.0.[a-z_.]+': base weight differs"):
         merged_state_dict(tiny_llama(seed=3).state_dict(), tmp_path / "a.safetensors")
+
+
+def test_merged_state_dict_of_a_pure_form_adapter(tmp_path):
+    from spectral_kernels.tuning.merged_checkpoint import merged_state_dict
+
+    make, _ = MODELS["bert"]
+    model, base = make(), make()
+    sk.adapt(model, sk.SpectralConfig(target_modules=["query"], rank="full", mode="scale"))
+    _perturb(model, 0.1)
+    sk.save_adapter(model, tmp_path / "pure.safetensors")
+    state = merged_state_dict(base.state_dict(), tmp_path / "pure.safetensors")
+    key = "bert.encoder.layer.1.attention.self.query.weight"
+    torch.testing.assert_close(state[key], model.bert.encoder.layer[1].attention.self.query.merged_weight(),
+                               rtol=0, atol=1e-6)
+
+
+def test_target_modules_select_exactly_the_adapted_layers(tmp_path):
+    from spectral_kernels.tuning.export import _target_modules
+
+    class Nested(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(6, 6)
+            self.inner = torch.nn.Module()
+            self.inner.fc1 = torch.nn.Linear(6, 6)
+            self.block = torch.nn.Module()
+            self.block.inner = torch.nn.Module()
+            self.block.inner.fc1 = torch.nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.block.inner.fc1(self.inner.fc1(self.fc1(x)))
+
+    for targets, want in ((["block.inner.fc1"], ["block.inner.fc1"]),  # "fc1" would take all three
+                          (["inner.fc1"], r"^(?:inner\.fc1)$")):      # "inner.fc1" is block.inner.fc1's tail too
+        model = Nested()
+        base = copy.deepcopy(model)
+        sk.adapt(model, sk.SpectralConfig(target_modules=targets, rank=2, exclude_modules=
+                                          ["block.inner.fc1"] if targets == ["inner.fc1"] else None))
+        adapted = set(sk.tuning.spectral_layers(model))
+        assert _target_modules(model, sk.tuning.spectral_layers(model)) == want
+        _perturb(model)
+        sk.export_peft(model, tmp_path / str(len(adapted)) / targets[0])
+        pm = _peft(base, tmp_path / str(len(adapted)) / targets[0])
+        lora = {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in pm.named_modules()
+                if n.endswith(".lora_A")}
+        assert lora == adapted
+        x = torch.randn(3, 6)
+        with torch.no_grad():
+            assert _rel(pm(x), model(x)) < 1e-5
