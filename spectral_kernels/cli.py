@@ -136,8 +136,13 @@ def _export(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
     steps = tqdm(total=3, desc="export", unit="step", disable=progress is False)
     steps.set_postfix_str("loading the base")
+    trained_on = None  # the model class the adapter was trained on, when its folder says
+    if os.path.isdir(args.adapter):
+        from spectral_kernels.tuning.folder import read_folder
+
+        trained_on = read_folder(args.adapter).get("base_model_class")
     try:
-        model = _load_base(args.base)
+        model = _load_base(args.base, trained_on)
     except (OSError, ValueError) as exc:
         print(f"error: cannot load BASE {args.base!r} with transformers: {exc}", file=sys.stderr)
         return 2
@@ -167,15 +172,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_base(base: str):
-    """The base model of a transformers folder or name, as the class its config names (else AutoModel),
-    in the dtype it was saved in."""
+def _load_base(base: str, class_name: str | None = None):
+    """The base model of a transformers folder or name, in the dtype it was saved in, as
+    ``class_name`` (the class an adapter folder was trained on) when transformers has it, else as
+    the class its config names, else AutoModel."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(base)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    cls = getattr(transformers, class_name, None) if class_name else None
     if cls is None:
+        config = transformers.AutoConfig.from_pretrained(base)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModel
     return cls.from_pretrained(base, dtype="auto").eval()
 
@@ -234,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.set_defaults(func=_analyze)
     export = sub.add_parser("export", help="write an adapter as a peft LoRA folder (peft, vLLM, SGLang) or a merged "
                             "checkpoint")
-    export.add_argument("base", help="the base model: a transformers model folder or hub name (loaded as its "
-                        "config's architecture)")
+    export.add_argument("base", help="the base model: a transformers model folder or hub name (loaded as the class the "
+                        "adapter folder records, else its config's architecture)")
     export.add_argument("adapter", help="adapter folder (sk.save_pretrained) or file (sk.save_adapter)")
     export.add_argument("out", help="output folder")
     export.add_argument("--format", choices=["peft", "merged"], default="peft",

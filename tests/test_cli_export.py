@@ -138,3 +138,21 @@ def test_analyze_refuses_an_adapter_on_another_base_or_as_the_base(llama_run, ca
     assert main(["analyze", str(tmp / "adapter"), str(tmp / "base"), "--out", str(tmp / "o"), "--no-plots",
                  "--no-progress"]) == 2
     assert "is a spectral adapter folder, not a model" in capsys.readouterr().err
+
+
+def test_export_loads_the_base_as_the_class_the_adapter_was_trained_on(tmp_path, capsys):
+    """A base whose config names no architecture (AutoModel would build the bare LlamaModel): the
+    adapter folder's class, LlamaForCausalLM, is used."""
+    from transformers import AutoModelForCausalLM
+
+    base, model = _trained(tiny_llama, ["q_proj", "v_proj"])
+    base.save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config.pop("architectures", None)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    sk.save_pretrained(model, tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                 "--format", "merged", "--no-progress"]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    x = tokens(seed=6)
+    assert _rel(_logits(loaded, x), _logits(model, x)) < 1e-5
