@@ -18,6 +18,7 @@ from spectral_kernels.ops.spectral_linear import spectral_linear
 from spectral_kernels.ops.truncated_svd import SVDResult, batched_truncated_svd, truncated_svd
 from spectral_kernels.tuning import (
     AdapterMismatchError,
+    PureFormExportError,
     SpectralConfig,
     active_adapter,
     adapt,
@@ -45,6 +46,7 @@ from spectral_kernels._version import __version__  # noqa: E402
 __all__ = [
     "AdapterMismatchError",
     "BackendUnavailableError",
+    "PureFormExportError",
     "SpecLoRALinear",
     "SVDResult",
     "SpectralConfig",

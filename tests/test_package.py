@@ -10,7 +10,7 @@ import spectral_kernels as sk
 ROOT = Path(sk.__file__).resolve().parent
 
 PUBLIC_FUNCTIONS = ("adapt", "save_adapter", "load_adapter", "merge_adapter", "unmerge", "unload",
-                    "print_trainable_parameters", "save_pretrained", "from_pretrained")
+                    "print_trainable_parameters", "save_pretrained", "from_pretrained", "export_peft", "save_merged")
 
 
 def test_peft_shaped_api_at_the_top_level():
