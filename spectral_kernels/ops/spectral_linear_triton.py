@@ -503,11 +503,15 @@ def dense_plus_lowrank(
     return out
 
 
-def fold_weight(w: Tensor, u: Tensor, d: Tensor, v: Tensor) -> Tensor:
-    """w + (u ⊙ d)·vᵀ for w [N, K], u [N, R], d [R], v [K, R]; a new [N, K] tensor in w's dtype."""
+def fold_weight(w: Tensor, u: Tensor, d: Tensor, v: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """w + (u ⊙ d)·vᵀ for w [N, K], u [N, R], d [R], v [K, R]; a new [N, K] tensor in w's dtype,
+    or written into ``out`` (any strides, e.g. a block of a larger buffer) and returned."""
     N, K = w.shape
     R = u.shape[1]
-    out = torch.empty((N, K), device=w.device, dtype=w.dtype)
+    if out is None:
+        out = torch.empty((N, K), device=w.device, dtype=w.dtype)
+    elif tuple(out.shape) != (N, K) or out.dtype != w.dtype:
+        raise ValueError(f"fold_weight: out must be {(N, K)} {w.dtype}, got {tuple(out.shape)} {out.dtype}")
     block_n, block_k, warps = _fold_blocks()
     block_r = min(max(triton.next_power_of_2(R), 16), 64)
     _fold_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
