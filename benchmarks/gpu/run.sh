@@ -154,7 +154,8 @@ rest_tests() {
   for f in $NEVER_RUN_FILES $TRITON_FILE; do ignores+=(--ignore "$f"); done
   run_pytest rest_gpu 300 -m gpu "${ignores[@]}" tests
   local rc=$?
-  DIST=load run_pytest rest_triton 200 -k "not $TRITON_FP32_K" "$TRITON_FILE"
+  # not the slow AOT compile test: on a GPU the kernels themselves compile and run
+  DIST=load run_pytest rest_triton 200 -m "not slow" -k "not $TRITON_FP32_K" "$TRITON_FILE"
   local rc2=$?
   summarize "$work/rest.md" "$out/tests_rest.json" \
     "gpu-marked (other files):$work/rest_gpu.xml" "triton, not float32:$work/rest_triton.xml" >/dev/null
@@ -168,7 +169,7 @@ all_tests() {
   for f in $NEVER_RUN_FILES $TRITON_FILE; do ignores+=(--ignore "$f"); done
   run_pytest tests_gpu 300 -m gpu "${ignores[@]}" tests
   local rc=$?
-  run_pytest tests_files 220 "$TRITON_FILE" $NEVER_RUN_FILES
+  run_pytest tests_files 220 -m "not slow" "$TRITON_FILE" $NEVER_RUN_FILES
   local rc2=$?
   summarize "$work/tests.md" "$out/tests.json" \
     "gpu-marked:$work/tests_gpu.xml" "triton and bank files on CUDA:$work/tests_files.xml" >/dev/null
