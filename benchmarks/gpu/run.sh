@@ -11,7 +11,7 @@
 #   rest      the GPU tests quick did not run (gpu-marked tests of every other file, the rest of
 #             the Triton file on CUDA): the second command of a window
 #   verify    step (1) of quick, then the adapter-bank benchmark on the three backends
-#   tests     every GPU test: the gpu-marked tests, then the Triton and bank test files on CUDA
+#   tests     every GPU test: quick's test step, then rest's
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over a reduced selection of the
 #             cuda-backend tests
 #   bench     the goal benchmarks (all sections of benchmarks/gpu/bench_goals.py), the truncated SVD
@@ -130,6 +130,22 @@ run_pytest() {
 }
 
 # --- test steps ------------------------------------------------------------------------------------
+# finish_tests PREFIX TITLE RC NAME:XML...: the JUnit verdicts into OUTDIR/tests_PREFIX.json and the
+# summary, with how each failed pytest run ended; the step fails if a run or a verdict did.
+finish_tests() {
+  local prefix=$1 title=$2 rc=$3
+  shift 3
+  summarize "$work/$prefix.md" "$out/tests_$prefix.json" "$@" >/dev/null || rc=1
+  cat "$work/$prefix"_*.tail.md >>"$work/$prefix.md" 2>/dev/null
+  step_done "$title" "$work/$prefix.md" "$rc"
+}
+
+# --ignore for the files quick's first step runs whole or by dtype (the other GPU tests are the rest)
+quick_file_ignores() {
+  local f
+  for f in $NEVER_RUN_FILES $TRITON_FILE; do printf -- '--ignore\n%s\n' "$f"; done
+}
+
 never_run_tests() {
   # the two selections side by side (GPU memory and CPU cores allow it): the step takes the longer
   run_pytest never_run_banks "$1" $NEVER_RUN_FILES &
@@ -138,44 +154,19 @@ never_run_tests() {
   local p2=$!
   wait $p1
   local rc=$?
-  wait $p2
-  local rc2=$?
-  summarize "$work/never_run.md" "$out/tests_never_run.json" \
-    "banks (cuda, triton, tuning):$work/never_run_banks.xml" "triton float32:$work/never_run_triton_fp32.xml" \
-    >/dev/null
-  local rc3=$?
-  cat "$work"/never_run_*.tail.md >>"$work/never_run.md" 2>/dev/null
-  step_done "never-run paths: cuda and Triton adapter banks, Triton float32" "$work/never_run.md" \
-    $(( rc || rc2 || rc3 ))
+  wait $p2 || rc=1
+  finish_tests never_run "never-run paths: cuda and Triton adapter banks, Triton float32" "$rc" \
+    "banks (cuda, triton, tuning):$work/never_run_banks.xml" "triton float32:$work/never_run_triton_fp32.xml"
 }
 
 rest_tests() {
-  local ignores=() f
-  for f in $NEVER_RUN_FILES $TRITON_FILE; do ignores+=(--ignore "$f"); done
-  run_pytest rest_gpu 300 -m gpu "${ignores[@]}" tests
-  local rc=$?
+  local ignores rc=0
+  mapfile -t ignores < <(quick_file_ignores)
+  run_pytest rest_gpu 300 -m gpu "${ignores[@]}" tests || rc=1
   # not the slow AOT compile test: on a GPU the kernels themselves compile and run
-  DIST=load run_pytest rest_triton 200 -m "not slow" -k "not $TRITON_FP32_K" "$TRITON_FILE"
-  local rc2=$?
-  summarize "$work/rest.md" "$out/tests_rest.json" \
-    "gpu-marked (other files):$work/rest_gpu.xml" "triton, not float32:$work/rest_triton.xml" >/dev/null
-  local rc3=$?
-  cat "$work"/rest_*.tail.md >>"$work/rest.md" 2>/dev/null
-  step_done "remaining GPU tests" "$work/rest.md" $(( rc || rc2 || rc3 ))
-}
-
-all_tests() {
-  local ignores=() f
-  for f in $NEVER_RUN_FILES $TRITON_FILE; do ignores+=(--ignore "$f"); done
-  run_pytest tests_gpu 300 -m gpu "${ignores[@]}" tests
-  local rc=$?
-  run_pytest tests_files 220 -m "not slow" "$TRITON_FILE" $NEVER_RUN_FILES
-  local rc2=$?
-  summarize "$work/tests.md" "$out/tests.json" \
-    "gpu-marked:$work/tests_gpu.xml" "triton and bank files on CUDA:$work/tests_files.xml" >/dev/null
-  local rc3=$?
-  cat "$work"/tests_*.tail.md >>"$work/tests.md" 2>/dev/null
-  step_done "GPU tests" "$work/tests.md" $(( rc || rc2 || rc3 ))
+  DIST=load run_pytest rest_triton 200 -m "not slow" -k "not $TRITON_FP32_K" "$TRITON_FILE" || rc=1
+  finish_tests rest "remaining GPU tests" "$rc" \
+    "gpu-marked (other files):$work/rest_gpu.xml" "triton, not float32:$work/rest_triton.xml"
 }
 
 # --- benchmark steps -----------------------------------------------------------------------------
@@ -263,7 +254,7 @@ case "$stage" in
   quick) run_quick ;;
   rest) build 200; rest_tests ;;
   verify) build 200; never_run_tests 200; bank_bench 120 ;;
-  tests) build 200; all_tests ;;
+  tests) build 200; never_run_tests 200; rest_tests ;;
   sanitize) build 200; run_sanitize ;;
   bench) build 200; run_bench ;;
   tune) build 200; run_tune ;;
