@@ -63,6 +63,17 @@ def judge(suite: dict, allow: list[tuple[re.Pattern, str]]) -> tuple[str, list[d
     return ("ok" if bad == 0 and suite["passed"] > 0 else "FAILED"), allowed
 
 
+def problem_lines(suite: str, problems: list[dict]) -> list[str]:
+    """One line per distinct (outcome, message): how many tests, the first of them (the JSON
+    lists them all), so that a cause shared by a hundred tests is one line of the summary."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in problems:
+        tag = f"allowed skip ({p['allowed']})" if "allowed" in p else p["outcome"]
+        groups.setdefault((tag, p["message"]), []).append(p["test"])
+    return [f"- {suite}: {len(tests)} {tag}, e.g. {tests[0]}: {message}" if len(tests) > 1
+            else f"- {suite}: {tag} {tests[0]}: {message}" for (tag, message), tests in groups.items()]
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("summary_md")
@@ -90,9 +101,7 @@ def main(argv: list[str]) -> int:
         lines.append(f"| {name} | {s['passed']} | {s['failed']} | {s['errors']} | {s['skipped']} ({len(allowed)}) | "
                      f"{s['seconds']:.1f} | {verdict} |")
     for name, s in report.items():
-        for p in s.get("problems", []):
-            tag = f"allowed skip ({p['allowed']})" if "allowed" in p else p["outcome"]
-            lines.append(f"- {name}: {tag} {p['test']}: {p['message']}")
+        lines += problem_lines(name, s.get("problems", []))
     Path(args.summary_md).write_text("\n".join(lines) + "\n")
     Path(args.out_json).write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(lines))
