@@ -291,3 +291,13 @@ def _load_gpu(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_goal_script_refuses_unknown_sections_and_skips_without_a_gpu(tmp_path, capsys):
+    mod = _load_gpu("bench_goals")
+    with pytest.raises(SystemExit):
+        mod.main(["--out", str(tmp_path), "--sections", "main,candidate"])
+    assert "unknown section(s) candidate" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert mod.main(["--out", str(tmp_path), "--sections", "candidates", "--ranks", "16", "--tag", "c"]) == 0
+        assert "no CUDA device" in capsys.readouterr().out and not list(tmp_path.iterdir())
