@@ -304,7 +304,7 @@ def _candidate_error(fn, x, W, U, d, V, b, dy) -> dict:
         xs, ds = x.detach().clone().requires_grad_(True), d.detach().clone().requires_grad_(True)
         y = f(xs, ds, *args)
         y.backward(dy.to(y.dtype))
-        return y.float(), xs.grad.float(), ds.grad.float()
+        return y.detach().float(), xs.grad.float(), ds.grad.float()
 
     ours = run(lambda xs, ds: fn(xs, W, U, ds, V, b)[0])
     f32 = lambda t: t.float()  # noqa: E731
