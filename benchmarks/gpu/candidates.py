@@ -18,8 +18,8 @@ Each candidate is a ``torch.autograd.Function`` taking ``(x, W, U, d, V, b)`` an
                    [dx | g] = dy·B[:out, :]. One GEMM per direction, but y, z, dx and g are column
                    slices (row strides out + k and in + k), not contiguous tensors.
 ``extra_columns``  no fold: [y₀ | z] = x·[W; Vᵀ]ᵀ then y = y₀ + (z ⊙ d)·Uᵀ + b; the backward
-                   [dx₀ | g] = dy·[W | U] then dx = dx₀ + (g ⊙ d)·Vᵀ (the concatenated weights are
-                   built once, outside the step, as a layer would keep them; outputs are slices).
+                   [dx₀ | g] = dy·[W | U] then dx = dx₀ + (g ⊙ d)·Vᵀ, both operands views of one
+                   block [[W, U], [Vᵀ, 0]] built once per layer, outside the step (z and g are slices).
 
 dd is accumulated in float32 from z and g rounded to the operand dtype, as the package's backends
 do. None of these is a plan of the package yet; the table says which is worth making one.
@@ -112,8 +112,16 @@ class ExtraColumns(torch.autograd.Function):
 
 
 def prepare_extra_columns(W: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """([W; Vᵀ] [(out + k), in], [W | U] [out, in + k]): built once per layer, not per step."""
-    return torch.cat([W, V.t()], 0), torch.cat([W, U], 1)
+    """([W; Vᵀ] [(out + k), in], [W | U] [out, in + k]) as two views of one block
+    [[W, U], [Vᵀ, 0]] ((out + k) × (in + k)), built once per layer, not per step: a layer could
+    keep its only copy of W inside it."""
+    n_out, n_in = W.shape
+    k = U.shape[1]
+    block = W.new_zeros(n_out + k, n_in + k)
+    block[:n_out, :n_in] = W
+    block[:n_out, n_in:] = U
+    block[n_out:, :n_in] = V.t()
+    return block[:, :n_in], block[:n_out]
 
 
 def candidates(W: Tensor, U: Tensor, V: Tensor) -> dict:
