@@ -101,19 +101,21 @@ def assert_matches_reference(fn, base: Operands, dtype: torch.dtype, grads=("x",
     return report
 
 
-def backend_fwd_bwd(fwd, bwd, x2d, U, d, V, bias, weight, dy2d):
-    y, z = fwd(x2d, U, d, V, bias, weight)
-    dx, dd, g = bwd(dy2d, z, U, d, V, weight)
+def backend_fwd_bwd(fwd, bwd, x2d, U, d, V, bias, weight, dy2d, idx=None):
+    extra = () if idx is None else (idx,)
+    y, z = fwd(x2d, U, d, V, bias, weight, *extra)
+    dx, dd, g = bwd(dy2d, z, U, d, V, weight, *extra)
     return {"y": y, "z": z, "dx": dx, "dd": dd, "g": g}
 
 
-def check_backend_direct(fwd, bwd, x2d, U, d, V, bias, weight, dy2d):
-    """A backend's ``fwd`` / ``bwd`` functions (flattened tokens, any strides) against the float64
-    reference with the 2× rule, for y, z, dx, dd and g."""
-    ours = backend_fwd_bwd(fwd, bwd, x2d, U, d, V, bias, weight, dy2d)
+def check_backend_direct(fwd, bwd, x2d, U, d, V, bias, weight, dy2d, idx=None):
+    """A backend's ``fwd`` / ``bwd`` functions (flattened tokens, any strides; with ``idx`` [T],
+    d a bank [n, k]) against the float64 reference with the 2× rule, for y, z, dx, dd and g."""
+    ours = backend_fwd_bwd(fwd, bwd, x2d, U, d, V, bias, weight, dy2d, idx)
     f64 = lambda t: None if t is None else t.double()  # noqa: E731
-    exact = backend_fwd_bwd(spectral_linear_fwd_ref, spectral_linear_bwd_ref, *map(f64, (x2d, U, d, V, bias, weight, dy2d)))
-    plain = backend_fwd_bwd(spectral_linear_fwd_ref, spectral_linear_bwd_ref, x2d, U, d, V, bias, weight, dy2d)
+    exact = backend_fwd_bwd(spectral_linear_fwd_ref, spectral_linear_bwd_ref,
+                            *map(f64, (x2d, U, d, V, bias, weight, dy2d)), idx)
+    plain = backend_fwd_bwd(spectral_linear_fwd_ref, spectral_linear_bwd_ref, x2d, U, d, V, bias, weight, dy2d, idx)
     floor = torch.finfo(x2d.dtype).eps / 8
     for key in ("y", "z", "dx", "dd", "g"):
         err, plain_err = rel_err(ours[key], exact[key]), rel_err(plain[key], exact[key])

@@ -72,7 +72,7 @@ def test_runs_on_reads_sass_and_ptx(monkeypatch):
 
 
 @needs_ext
-@pytest.mark.parametrize("tokens", [3, 40])  # decode plan, then the mma plan
+@pytest.mark.parametrize("tokens", [3, 40])  # decode plan, then cuBLAS
 def test_cpu_tensors_are_refused_before_any_pointer(tokens):
     x, U, d, V, bias, weight = _cpu_operands(tokens)
     with pytest.raises(ValueError, match=r"x must be a CUDA tensor.*cpu"):
@@ -231,3 +231,45 @@ def test_prefers_cuda_only_where_the_decode_plan_measured_faster(monkeypatch):
     assert not cuda_ops.prefers_cuda(17, 4096, 4096, 16, torch.float16)  # mma plan: never
     assert not cuda_ops.prefers_cuda(0, 4096, 4096, 16, torch.float16)
     assert not cuda_ops.prefers_cuda(1, 4096, 4096, 16, torch.float64)
+
+
+@pytest.mark.parametrize("bank", [False, True])
+@pytest.mark.parametrize("weight", [True, False])
+def test_past_the_decode_plan_the_cuda_backend_runs_cublas(monkeypatch, bank, weight):
+    """T > 16: the forward and dx are torch GEMMs (cuBLAS on a device), never the WMMA GEMM of
+    _C (36-43x slower than cuBLAS on an H100); dd comes from the hand-written reductions (stood in
+    for here by the reference, the device checks lifted, on CPU). y, z, dx and dd match float64."""
+    from spectral_kernels.ops import reference
+
+    monkeypatch.setattr(cuda_ops, "_check_operands", lambda op, tensors, on_device=True: torch.float32)
+    monkeypatch.setattr(cuda_ops, "_check_index", lambda *a: None)
+
+    def no_gemm(*a, **kw):
+        raise AssertionError("the WMMA GEMM of _C ran")
+
+    monkeypatch.setattr(cuda_ops, "_cuda_lowrank_gemm", no_gemm)
+    monkeypatch.setattr(cuda_ops, "_cuda_coeff_and_bias_grads", lambda z, g, dy: (reference.lowrank_coeff_grad_ref(z, g), None))
+    monkeypatch.setattr(cuda_ops, "_cuda_bank_coeff_grads", reference.lowrank_coeff_grad_ref)
+    tokens, n_in, n_out, k, n = 41, 23, 19, 5, 4
+    x, U, d, V, bias, w = _cpu_operands(tokens, n_in, n_out, k)
+    w = w if weight else None
+    idx = torch.randint(0, n, (tokens,)) if bank else None
+    if bank:
+        d = torch.randn(n, k)
+    dy = torch.randn(tokens, n_out)
+    y, z = cuda_ops.spectral_linear_fwd_cuda(x, U, d, V, bias, w, idx)
+    dx, dd, g = cuda_ops.spectral_linear_bwd_cuda(dy, z, U, d, V, w, idx)
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    y64, z64 = reference.spectral_linear_fwd_ref(*map(f64, (x, U, d, V, bias, w)), idx)
+    dx64, dd64, g64 = reference.spectral_linear_bwd_ref(f64(dy), z64, *map(f64, (U, d, V, w)), idx)
+    for got, ref in ((y, y64), (z, z64), (dx, dx64), (dd, dd64), (g, g64)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_bank_rows_give_nan_for_an_index_outside_the_bank():
+    """Under torch.compile the index values are not checked: past the decode plan a token whose
+    index is outside 0..n-1 gets NaN coefficients (hence NaN y and dx rows), as the decode plan
+    and the triton backend give, instead of a read outside the bank."""
+    d = torch.randn(3, 4)
+    rows = cuda_ops._bank_rows(d, torch.tensor([2, 3, -1, 0]))
+    assert torch.equal(rows[[0, 3]], d[[2, 0]]) and torch.isnan(rows[[1, 2]]).all()

@@ -1,6 +1,7 @@
 """The GPU goals of spectral_linear, each a ratio measured in one run (issue: GPU verification).
 
-    python benchmarks/gpu/bench_goals.py --out OUTDIR [--sections main,pure,decode,parts,sweep]
+    python benchmarks/gpu/bench_goals.py --out OUTDIR [--sections main,pure,decode,parts,sweep,candidates]
+        [--ranks 16,64] [--tag NAME] [--summary FILE.md]
 
 Sections (bf16 unless said otherwise):
 
@@ -16,9 +17,14 @@ Sections (bf16 unless said otherwise):
 - ``parts``: the pieces a plan is made of (cuBLAS dense GEMMs, thin GEMMs, the weight fold, the
   Triton kernels alone), to see where the time goes.
 - ``sweep``: time vs T (1 … 16384) for the op (auto), nn.Linear and LoRA, k = 16; a PNG.
+- ``candidates``: the fused-plan candidates of benchmarks/gpu/candidates.py (fold once per step
+  reused by the backward, with and without z and g as extra GEMM columns; extra columns without
+  the fold) beside nn.Linear, the op on each backend and the eager chain, T = 8192, 4096².
 
-Ceilings measured in the same run: an 8192³ bf16 GEMM on random data and a 1 GiB device copy.
-Writes goals.json, summary_bench.md and time_vs_tokens.png into OUTDIR.
+``--ranks`` replaces the k values of main, decode, parts and candidates. Ceilings measured in the
+same run: an 8192³ bf16 GEMM on random data and a 1 GiB device copy. Writes goals.json (goals_TAG.json
+with ``--tag``), the summary table (summary_bench.md, or ``--summary``) and time_vs_tokens.png
+(sweep) into OUTDIR.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -74,6 +81,26 @@ def roofline_ms(flops: float, moved: float, ceil: dict) -> float:
     return 1e3 * max(flops / (ceil["bf16_gemm_tflops"] * 1e12), moved / (ceil["copy_gbps"] * 1e9))
 
 
+# --- partial results --------------------------------------------------------------------------------
+class _TimeUp(Exception):
+    """SIGTERM (run.sh's ``timeout``) inside a section: keep what it measured."""
+
+
+#: The row lists of the running section (main, decode and candidates append as they measure), so
+#: that a section stopped by the time limit or an error still reports the rows it has.
+_PARTIAL: list[list[dict]] = []
+
+
+def _section_rows() -> list[dict]:
+    rows: list[dict] = []
+    _PARTIAL.append(rows)
+    return rows
+
+
+def _on_sigterm(signum, frame):
+    raise _TimeUp()
+
+
 # --- operands ----------------------------------------------------------------------------------------
 def operands(T, n_in, n_out, k, dtype=torch.bfloat16, seed=0):
     g = torch.Generator(device=DEV).manual_seed(seed)
@@ -110,7 +137,7 @@ def spectral_backends() -> list[str]:
 
 # --- sections --------------------------------------------------------------------------------------------
 def section_main(ceil: dict, ranks=(16, 64, 256), T=8192, n=4096) -> list[dict]:
-    rows = []
+    rows = _section_rows()
     for k in ranks:
         x, W, b, U, V, d, dy = operands(T, n, n, k)
         eager = lambda: F.linear(x, W, b) + ((x @ V) * d) @ U.t()  # noqa: E731
@@ -126,13 +153,14 @@ def section_main(ceil: dict, ranks=(16, 64, 256), T=8192, n=4096) -> list[dict]:
         for name in ["torch"] + spectral_backends() + ["auto"]:
             providers[f"spectral[{name}]"] = (lambda name=name: sk.spectral_linear(x, U, d, V, b, W, backend=name), [x, d])
         providers["eager"] = (eager, [x, d])
-        providers["compiled"] = (lambda: compiled(x, d), [x, d])
         if not isinstance(lora, str):
             # peft keeps the adapter in fp32 over a bf16 base by default (autocast_adapter_dtype);
             # "lora[bf16]" is the same adapter cast to the base's dtype.
             lora16 = copy.deepcopy(lora).to(torch.bfloat16)
             providers["lora"] = (lambda: lora(x), [x, *lora_params])
             providers["lora[bf16]"] = (lambda: lora16(x), [x, *[p for p in lora16.parameters() if p.requires_grad]])
+        # last: its first call in each phase compiles (tens of seconds on a fresh machine)
+        providers["compiled"] = (lambda: compiled(x, d), [x, d])
         flops_dense = 2.0 * T * n * n
         for phase in ("forward", "forward+backward"):
             times = {}
@@ -174,7 +202,7 @@ def section_pure(ceil: dict, T=8192, n=4096) -> list[dict]:
 def section_decode(ceil: dict, shapes=((4096, 4096), (11008, 4096)), tokens=(1, 4, 16), ranks=(16, 64)) -> list[dict]:
     """Graph replays over enough weight sets that the weights come from HBM, not L2."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    rows = []
+    rows = _section_rows()
     for n_out, n_in in shapes:
         w_bytes = n_out * n_in * 2
         sets = max(2, -(-3 * l2 // w_bytes))
@@ -239,6 +267,49 @@ def section_parts(ceil: dict, T=8192, n=4096, ranks=(16, 64, 256)) -> list[dict]
         del x, W, b, U, V, d, dy, z, Wcat
         torch.cuda.empty_cache()
     return rows
+
+
+def section_candidates(ceil: dict, T=8192, n=4096, ranks=(16, 64)) -> list[dict]:
+    """The candidates of candidates.py against nn.Linear, the op and the eager chain; each
+    candidate's y, z, dx and dd are first checked against the torch chain in float32 arithmetic."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from candidates import candidates
+
+    rows = _section_rows()
+    for k in ranks:
+        x, W, b, U, V, d, dy = operands(T, n, n, k)
+        providers = {"linear": (lambda: F.linear(x, W, b), [x])}
+        for name in ["torch"] + spectral_backends() + ["auto"]:
+            providers[f"spectral[{name}]"] = (lambda name=name: sk.spectral_linear(x, U, d, V, b, W, backend=name), [x, d])
+        providers["eager"] = (lambda: F.linear(x, W, b) + ((x @ V) * d) @ U.t(), [x, d])
+        for name, fn in candidates(W, U, V).items():
+            err = _candidate_error(fn, x, W, U, d, V, b, dy)
+            rows.append({"section": "candidates", "k": k, "phase": "check", "provider": name, **err})
+            providers[name] = (lambda fn=fn: fn(x, W, U, d, V, b)[0], [x, d])
+        for phase in ("forward", "forward+backward"):
+            times = {name: bench(no_grad(fwd) if phase == "forward" else step(fwd, grads, dy))
+                     for name, (fwd, grads) in providers.items()}
+            base = times["linear"]["median_ms"]
+            rows += [{"section": "candidates", "k": k, "phase": phase, "provider": name, **t,
+                      "ratio_vs_linear": t["median_ms"] / base} for name, t in times.items()]
+        del x, W, b, U, V, d, dy, providers
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _candidate_error(fn, x, W, U, d, V, b, dy) -> dict:
+    """Relative errors of a candidate's y, dx and dd against the eager chain computed in float32
+    from the same bf16 operands (a wrong candidate must not get timed as if it were right)."""
+    def run(f, *args):
+        xs, ds = x.detach().clone().requires_grad_(True), d.detach().clone().requires_grad_(True)
+        y = f(xs, ds, *args)
+        y.backward(dy.to(y.dtype))
+        return y.detach().float(), xs.grad.float(), ds.grad.float()
+
+    ours = run(lambda xs, ds: fn(xs, W, U, ds, V, b)[0])
+    f32 = lambda t: t.float()  # noqa: E731
+    ref = run(lambda xs, ds: F.linear(f32(xs), f32(W), f32(b)) + ((f32(xs) @ f32(V)) * f32(ds)) @ f32(U).t())
+    return {f"rel_err_{key}": float((a - r).norm() / r.norm()) for key, a, r in zip(("y", "dx", "dd"), ours, ref)}
 
 
 def section_sweep(ceil: dict, out_dir: Path, n=4096, k=16) -> list[dict]:
@@ -307,6 +378,18 @@ def summarize(rows: list[dict], ceil: dict) -> str:
         lines += ["| k | part | median ms |", "|---|---|---|"]
         lines += [f"| {r['k']} | {r['provider']} | {r['median_ms']:.4f} |" for r in parts]
         lines.append("")
+    cand = [r for r in rows if r["section"] == "candidates" and r["phase"] != "check"]
+    if cand:
+        lines += ["| candidates k | phase | provider | median ms | × linear |", "|---|---|---|---|---|"]
+        lines += [f"| {r['k']} | {r['phase']} | {r['provider']} | {r['median_ms']:.3f} | {r['ratio_vs_linear']:.3f} |"
+                  for r in cand]
+        lines.append("")
+    checks = [r for r in rows if r["section"] == "candidates" and r["phase"] == "check"]
+    if checks:
+        lines += ["| candidate k | rel. error y | dx | dd (vs the fp32 chain) |", "|---|---|---|---|"]
+        lines += [f"| {r['provider']} {r['k']} | {r['rel_err_y']:.1e} | {r['rel_err_dx']:.1e} | {r['rel_err_dd']:.1e} |"
+                  for r in checks]
+        lines.append("")
     sweep = [r for r in rows if r["section"] == "sweep"]
     if sweep:
         lines += ["| T | phase | provider | median ms |", "|---|---|---|---|"]
@@ -314,14 +397,22 @@ def summarize(rows: list[dict], ceil: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = {"main": section_main, "parts": section_parts, "decode": section_decode, "pure": section_pure}
+SECTIONS = {"main": section_main, "parts": section_parts, "decode": section_decode, "pure": section_pure,
+            "candidates": section_candidates}
+RANKED = {"main", "parts", "decode", "candidates"}  # sections whose k values --ranks replaces
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--sections", default="main,parts,decode,pure,sweep")
+    ap.add_argument("--ranks", default=None, help="comma-separated k values for main, parts, decode, candidates")
+    ap.add_argument("--tag", default=None, help="write goals_TAG.json instead of goals.json")
+    ap.add_argument("--summary", default=None, help="summary table path (default OUTDIR/summary_bench.md)")
     args = ap.parse_args(argv)
+    unknown = set(args.sections.split(",")) - set(SECTIONS) - {"sweep"}
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join([*SECTIONS, 'sweep'])}")
     if not torch.cuda.is_available():
         print("bench_goals: no CUDA device is visible; nothing measured")
         return 0
@@ -334,24 +425,37 @@ def main(argv=None) -> int:
     print(f"ceilings: {ceil}", flush=True)
     rows: list[dict] = []
     timings = {}
+    ranks = {"ranks": tuple(int(k) for k in args.ranks.split(","))} if args.ranks else {}
+    results = out / (f"goals_{args.tag}.json" if args.tag else "goals.json")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    stopped = False
     for name in args.sections.split(","):
         t0 = time.time()
+        _PARTIAL.clear()
         try:
-            rows += section_sweep(ceil, out) if name == "sweep" else SECTIONS[name](ceil)
+            rows += section_sweep(ceil, out) if name == "sweep" else SECTIONS[name](ceil, **(ranks if name in RANKED else {}))
+        except _TimeUp:
+            rows += [r for part in _PARTIAL for r in part]
+            rows.append({"section": name, "provider": "-",
+                         "error": "stopped by the time limit (SIGTERM); the rows measured before are kept"})
+            stopped = True
         except Exception as exc:  # one broken section must not lose the others' numbers
             import traceback
 
             traceback.print_exc()
+            rows += [r for part in _PARTIAL for r in part]
             rows.append({"section": name, "provider": "-", "error": repr(exc)[:500]})
         timings[name] = time.time() - t0
         print(f"section {name}: {timings[name]:.0f} s", flush=True)
-        (out / "goals.json").write_text(json.dumps({"environment": env, "ceilings": ceil, "rows": rows,
-                                                    "section_seconds": timings}, indent=1) + "\n")
+        results.write_text(json.dumps({"environment": env, "ceilings": ceil, "rows": rows,
+                                       "section_seconds": timings}, indent=1) + "\n")
+        if stopped:
+            break
     summary = summarize([r for r in rows if "error" not in r or r["section"] == "decode"], ceil)
     summary += "".join(f"- section {r['section']} error: {r['error']}\n" for r in rows if r.get("error") and r["section"] != "decode")
-    (out / "summary_bench.md").write_text(summary)
+    Path(args.summary or out / "summary_bench.md").write_text(summary)
     print(summary)
-    return 0
+    return 124 if stopped else 0
 
 
 if __name__ == "__main__":

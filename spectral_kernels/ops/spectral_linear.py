@@ -227,7 +227,9 @@ def spectral_linear(
         adapter_index: with a bank d ``[n, k]``: an integer tensor broadcastable to
             ``x.shape[:-1]`` (e.g. ``[batch, 1]`` for ``[batch, seq, in]``) picking each token's
             row, so that token t computes with d[adapter_index_t]. Values are checked to lie in
-            0..n-1 in eager mode (one device sync), not under torch.compile.
+            0..n-1 in eager mode (one device sync), not under torch.compile: there a value
+            outside gives that token NaN y and dx rows and no share of dd on the triton and
+            cuda backends, and an index error (a device-side assert on CUDA) on torch.
         backend: "auto" | "torch" | "triton" | "cuda"; "auto" defers to
             :func:`spectral_kernels.use_backend`, then ``SPECTRAL_KERNELS_BACKEND``, then picks
             per direction from the measured rules of ``plans.py`` (on CUDA: triton's fold

@@ -12,7 +12,11 @@ Layers, in reading order:
                                                "decode workspace" below;
    ``spectral_kernels::cuda_lowrank_gemm``      out = a1·b1 + (a2 ⊙ scale)·b2 + bias, a tile GEMM on
                                                tensor cores (WMMA, fp32 accumulate) for fp16/bf16 and
-                                               fp32 FMA for fp32 (the fused low-rank plan);
+                                               fp32 FMA for fp32. No plan calls it: it measured 36-43×
+                                               slower than cuBLAS on an H100 (T = 8192, 4096², bf16;
+                                               benchmarks/results/gpu_h100_2026-11-24.md), so the
+                                               backend runs that regime on cuBLAS (section 3). Kept as
+                                               an op for measurement (bench_goals.py parts);
    ``spectral_kernels::cuda_coeff_and_bias_grads``  dd = Σ_T z ⊙ g (fp32) and dbias = Σ_T dy, one
                                                launch, fixed summation order;
    ``spectral_kernels::cuda_bank_coeff_grads``  the bank gradient dd [n, k] (fp32): tokens sorted by
@@ -22,15 +26,20 @@ Layers, in reading order:
 
 3. the backend functions called by ``ops/spectral_linear.py`` (flattened tokens, T rows):
    :func:`spectral_linear_fwd_cuda`, :func:`spectral_linear_bwd_cuda`, and the plan choice
-   :func:`prefers_cuda` used by the "auto" backend.
+   :func:`prefers_cuda` used by the "auto" backend. Hand-written CUDA runs where no library does
+   the job: the decode plan (T <= 16: x·Wᵀ, z = x·V and the rank-k term in one launch, bank rows
+   gathered inside) and the deterministic reductions dd = Σ z ⊙ g (per adapter for banks). Past
+   the decode plan the dense products are cuBLAS GEMMs through torch (matmul / addmm: x·V, then
+   x·Wᵀ + b with (z ⊙ d)·Uᵀ added in place; backward dy·U, dy·W with (g ⊙ d)·Vᵀ added in place).
 
-Adapter banks (d [n, k] with ``idx`` [T], int64, one adapter per token): the decode plan and the
-GEMM gather token t's row d[idx_t] where they apply d (no [T, k] tensor of coefficients is
-formed), and the bank gradient is the per-adapter reduction above. The bank, the index (a device
-pointer with its stride) and n cross the C ABI like every other operand, after the checks of
-:func:`_check_bank`. An index value outside 0..n-1 (the front end refuses those in eager mode, not
-under torch.compile) gives NaN outputs for its token and adds to no row of dd: no read outside
-the bank. Compiled for sm_90 but not yet run on a GPU.
+Adapter banks (d [n, k] with ``idx`` [T], int64, one adapter per token): the decode plan gathers
+token t's row d[idx_t] where it applies d; past it the rows are gathered into a [T, k] tensor
+(:func:`_bank_rows`) that scales z and g before the cuBLAS GEMMs; the bank gradient is the
+per-adapter reduction above. The bank, the index (a device pointer with its stride) and n cross
+the C ABI like every other operand, after the checks of :func:`_check_bank`. An index value
+outside 0..n-1 (the front end refuses those in eager mode, not under torch.compile) gives NaN
+outputs (y and dx) for its token and adds to no row of dd: no read outside the bank, in every
+plan, as on the triton backend. Compiled for sm_90 but not yet run on a GPU.
 
 The kernels take device pointers, sizes, element strides, a dtype code and the current stream
 (torch.cuda.current_stream().cuda_stream); ``_C`` links no torch. A CUDA error comes back as a
@@ -410,9 +419,8 @@ def _(z, g, adapter_index, n):
 # --- 3. backend functions ----------------------------------------------------------------------------
 def prefers_cuda(tokens: int, in_features: int, out_features: int, k: int, dtype: torch.dtype) -> bool:
     """Whether "auto" should run this forward on the cuda backend: a kernel dtype and a shape whose
-    decode plan measured faster than the torch chain (``plans.py``). The mma plan (WMMA,
-    single-buffered 64×64 tiles) measured 30-40× slower than cuBLAS at T = 8192 on an H100 and is
-    never chosen by "auto"."""
+    decode plan measured faster than the torch chain (``plans.py``). Past the decode plan the
+    backend runs cuBLAS GEMMs, as the torch chain does, so only the decode plan can win."""
     from spectral_kernels.plans import prefers_cuda as decode_wins
 
     return dtype in DTYPE_CODES and decode_wins(tokens, in_features, out_features, k)
@@ -430,9 +438,10 @@ def spectral_linear_fwd_cuda(
         idx: None, or ``[T]`` int64 on x's device: token t computes with d[idx[t]].
 
     Returns:
-        (y ``[T, out]``, z ``[T, k]``) in x's dtype. T <= 16 runs the decode plan (one launch);
-        larger T computes z, then y with the dense and low-rank products in one accumulator. A
-        bank's rows are gathered where d is applied, in both plans.
+        (y ``[T, out]``, z ``[T, k]``) in x's dtype. T <= 16 runs the decode plan (one launch,
+        bank rows gathered inside); larger T runs cuBLAS: z = x·V, then y = x·Wᵀ + b with
+        (z ⊙ d)·Uᵀ added in place (the torch backend's plans without a bank; a bank's rows
+        gathered by :func:`_bank_rows`).
     """
     op = "spectral_linear_fwd_cuda"
     _check_operands(op, {"x": x2d, "U": U, "d": d, "V": V, "bias": bias, "weight": weight})
@@ -443,10 +452,24 @@ def spectral_linear_fwd_cuda(
         return spectral_linear_fwd_ref(x2d, U, d, V, bias, weight, idx)
     if tokens <= DECODE_MAX_TOKENS:
         return _cuda_decode_forward(x2d, U, d, V, bias, weight, idx)
-    z = _cuda_lowrank_gemm(x2d, V, None, None, None, None)
-    wt = weight.t() if weight is not None else None
-    y = _cuda_lowrank_gemm(x2d if weight is not None else None, wt, z, U.t(), d, bias, idx)
-    return y, z
+    if idx is None:
+        return spectral_linear_fwd_ref(x2d, U, d, V, bias, weight)  # cuBLAS, the torch backend's plans
+    z = x2d @ V
+    zd = z * _bank_rows(d, idx)
+    if weight is None:
+        return (torch.addmm(bias, zd, U.t()) if bias is not None else zd @ U.t()), z
+    y = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+    return y.addmm_(zd, U.t()), z
+
+
+def _bank_rows(d: Tensor, idx: Tensor) -> Tensor:
+    """d[idx] [T, k] for a bank d [n, k]: each token's coefficients, NaN for an index outside
+    0..n-1 (possible only under torch.compile, which skips the value check). Never reads outside
+    the bank, where a plain d[idx] would fault the device (a CUDA device-side assert)."""
+    n = d.shape[0]
+    inside = (idx >= 0) & (idx < n)
+    rows = d[idx.clamp(0, n - 1)]
+    return torch.where(inside[:, None], rows, torch.full_like(rows, float("nan")))
 
 
 def spectral_linear_bwd_cuda(
@@ -455,9 +478,10 @@ def spectral_linear_bwd_cuda(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward on flattened tokens: g = dy·U, dx = dy·weight + (g ⊙ d)·Vᵀ, dd = Σ_T z ⊙ g.
 
-    With a bank d ``[n, k]`` and idx ``[T]`` (int64): dx uses d[idx[t]] for token t (gathered in
-    the GEMM's tile loads) and dd ``[n, k]`` is the per-adapter sum of z ⊙ g (rows no token
-    picked exactly zero), deterministic (:func:`_cuda_bank_coeff_grads`).
+    g and dx are cuBLAS GEMMs (dx = dy·weight with (g ⊙ d)·Vᵀ added in place); dd is the
+    hand-written fixed-order reduction. With a bank d ``[n, k]`` and idx ``[T]`` (int64): dx uses
+    d[idx[t]] for token t (:func:`_bank_rows`) and dd ``[n, k]`` is the per-adapter sum of z ⊙ g
+    (rows no token picked exactly zero), deterministic (:func:`_cuda_bank_coeff_grads`).
 
     Returns:
         (dx ``[T, in]``, dd ``[k]`` (or ``[n, k]``) in d's dtype, accumulated in fp32, g ``[T, k]``).
@@ -469,8 +493,9 @@ def spectral_linear_bwd_cuda(
     _check_bank(op, d, idx, tokens, "dy", k, dy2d.device)
     if 0 in (tokens, n_in, n_out, k):
         return spectral_linear_bwd_ref(dy2d, z, U, d, V, weight, idx)
-    g = _cuda_lowrank_gemm(dy2d, U, None, None, None, None)
-    dx = _cuda_lowrank_gemm(dy2d if weight is not None else None, weight, g, V.t(), d, None, idx)
+    g = dy2d @ U
+    gd = g * (d if idx is None else _bank_rows(d, idx))
+    dx = gd @ V.t() if weight is None else (dy2d @ weight).addmm_(gd, V.t())
     if idx is None:
         dd, _ = _cuda_coeff_and_bias_grads(z, g, None)
     else:

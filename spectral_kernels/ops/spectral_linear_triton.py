@@ -33,6 +33,14 @@ Adapter banks (d [n, k] with a per-token index idx [T]; DESIGN of the bank path)
   order, and its REDUCE_AUX epilogue writes one partial Σ z ⊙ g per block, which belongs to one
   adapter. ``_segment_sum_kernel`` then adds each adapter's consecutive block partials in a fixed
   order (zero for an adapter no token picked). No atomics; one host sync (the block count).
+* the bank, the index and the bias are read through their strides: a sliced bank, an index
+  broadcast from one value (stride 0, as spectral_linear passes ``adapter_index=torch.tensor([a])``)
+  or a sliced one need no copy. An index value outside 0..n-1 (the front end refuses those in
+  eager mode, not under torch.compile) reads nothing: its token's y and dx rows are NaN, its g is
+  computed, its z ⊙ g adds to no row of dd, as on the cuda backend.
+
+Every element offset is formed in int64 (``_offsets``): strides arrive as int32 when they fit,
+and their products with a tile index wrap past 2³¹ (a column-major x [T, in] once T·in >= 2³¹).
 
 Accumulation is fp32. fp32 operands use IEEE fp32 products (input_precision="ieee") unless
 torch.backends.cuda.matmul.allow_tf32 is set, so results match PyTorch's default float32 matmul.
@@ -54,6 +62,18 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # --- kernels -------------------------------------------------------------------------------------
 @triton.jit
+def _offsets(rows, cols, stride_row, stride_col):
+    """Element offsets rows[:, None]·stride_row + cols[None, :]·stride_col in int64.
+
+    Strides arrive as int32 whenever they fit, and a K-loop index such as ``k0 + tl.arange`` is
+    int32: their product wraps for a column-major x [T, in] (stride_ak = T) once T·in >= 2³¹.
+    Both factors are widened before the products (a sign extension where a stride is the
+    specialised constant 1, as on the forward's unit-stride reads).
+    """
+    return rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+
+
+@triton.jit
 def _accumulate_product(
     acc, a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K,
     stride_am, stride_ak, stride_bk, stride_bn,
@@ -72,9 +92,9 @@ def _accumulate_product(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+        a = tl.load(a_ptr + _offsets(offs_m, kk, stride_am, stride_ak),
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+        b = tl.load(b_ptr + _offsets(kk, offs_n, stride_bk, stride_bn),
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if INPUT_PRECISION == "ieee":
             y = tl.dot(a, b, input_precision=INPUT_PRECISION) - comp
@@ -94,7 +114,7 @@ def _lowrank_project_kernel(
     M, K, R,
     # strides
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
-    stride_sm, stride_sr, stride_xm, stride_xr,
+    stride_sm, stride_sr, stride_xm, stride_xr, stride_d,
     # meta-parameters
     STORE_SCALED: tl.constexpr,   # also write scaled = out ⊙ d (two-GEMM plan, forward)
     REDUCE_AUX: tl.constexpr,     # also write partial[pid_m, r] = Σ_m out ⊙ aux (dd, backward)
@@ -125,9 +145,9 @@ def _lowrank_project_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < K
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+            a = tl.load(a_ptr + _offsets(offs_m, kk, stride_am, stride_ak),
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_r[None, :] * stride_br,
+            b = tl.load(b_ptr + _offsets(kk, offs_r, stride_bk, stride_br),
                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)
             acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc, input_precision="ieee", out_dtype=tl.float64)
     else:
@@ -137,16 +157,16 @@ def _lowrank_project_kernel(
 
     mask = mask_m[:, None] & mask_r[None, :]
     out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, out, mask=mask)
+    tl.store(out_ptr + _offsets(offs_m, offs_r, stride_om, stride_or), out, mask=mask)
     if STORE_SCALED:
         # Round z first, as the eager chain does, so both plans see the same z.
-        d = tl.load(d_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + offs_r * stride_d, mask=mask_r, other=0.0).to(tl.float32)
         scaled = (out.to(tl.float32) * d[None, :]).to(scaled_ptr.dtype.element_ty)
-        tl.store(scaled_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, scaled, mask=mask)
+        tl.store(scaled_ptr + _offsets(offs_m, offs_r, stride_sm, stride_sr), scaled, mask=mask)
     if REDUCE_AUX:
         # dd partials from the unrounded accumulator (float64 for float32 operands, whose partials
         # are float64 too); rows past M were loaded as 0 and add nothing.
-        aux = tl.load(aux_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * stride_xr,
+        aux = tl.load(aux_ptr + _offsets(offs_m, offs_r, stride_xm, stride_xr),
                       mask=mask, other=0.0).to(acc.dtype)
         partial = tl.sum(acc * aux, axis=0)
         tl.store(partial_ptr + pid_m * R + offs_r, partial.to(partial_ptr.dtype.element_ty), mask=mask_r)
@@ -156,15 +176,15 @@ def _lowrank_project_kernel(
 def _dense_lowrank_kernel(
     # pointers
     a_ptr, w_ptr, z_ptr, d_ptr, u_ptr, bias_ptr, out_ptr, idx_ptr,
-    # sizes
-    M, N, K, R,
-    # strides
+    # sizes (n_adapters: rows of the bank d with HAS_INDEX)
+    M, N, K, R, n_adapters,
+    # strides (stride_dn: 0 for one d [R]; stride_idx: 0 for one index broadcast to every row)
     stride_am, stride_ak, stride_wn, stride_wk, stride_zm, stride_zr,
-    stride_un, stride_ur, stride_om, stride_on, stride_dn,
+    stride_un, stride_ur, stride_om, stride_on, stride_dn, stride_dr, stride_bias, stride_idx,
     # meta-parameters
     HAS_DENSE: tl.constexpr,      # weight present (delta form)
     APPLY_D: tl.constexpr,        # scale z by d on load (fused plan); else z is already z ⊙ d
-    HAS_INDEX: tl.constexpr,      # d is a bank [n, R] (row stride stride_dn); row m reads d[idx[m]]
+    HAS_INDEX: tl.constexpr,      # d is a bank [n_adapters, R]; row m reads d[idx[m]]
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -191,32 +211,39 @@ def _dense_lowrank_kernel(
         acc = _accumulate_product(acc, a_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K,
                                   stride_am, stride_ak, stride_wk, stride_wn, INPUT_PRECISION, BLOCK_K)
 
-    # Low-rank term into the same accumulator, k in BLOCK_R chunks (one chunk for k ≤ 64).
+    # Low-rank term into the same accumulator, k in BLOCK_R chunks (one chunk for k ≤ 64). Not
+    # software-pipelined (num_stages=1): the loop runs once for k ≤ 64, so prefetch stages buy
+    # nothing, and at fp32 they would hold 2 extra copies of the z, d and U tiles in shared memory
+    # (over the 163 KiB an A100 block may use; tests/ops/aot_compile_triton.py checks every variant).
     offs_rb = tl.arange(0, BLOCK_R)
     if HAS_INDEX:
-        adapter = tl.load(idx_ptr + offs_m, mask=mask_m, other=0)
-    for r0 in range(0, R, BLOCK_R):
+        adapter = tl.load(idx_ptr + offs_m * stride_idx, mask=mask_m, other=0)
+        # An index outside 0..n-1 (unchecked under torch.compile) reads nothing: its row gets NaN
+        # coefficients, hence a NaN output row, as in the cuda backend.
+        in_bank = (adapter >= 0) & (adapter < n_adapters)
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         rr = r0 + offs_rb
         mask_r = rr < R
-        z = tl.load(z_ptr + offs_m[:, None] * stride_zm + rr[None, :] * stride_zr,
+        z = tl.load(z_ptr + _offsets(offs_m, rr, stride_zm, stride_zr),
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         if APPLY_D:
             if HAS_INDEX:
                 # each row's own coefficients, gathered from the bank: d[idx[m], r]
-                d = tl.load(d_ptr + adapter[:, None] * stride_dn + rr[None, :],
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                d = tl.load(d_ptr + _offsets(adapter, rr, stride_dn, stride_dr),
+                            mask=(mask_m & in_bank)[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                d = tl.where(in_bank[:, None], d, float("nan"))
                 z = (z.to(tl.float32) * d).to(z_ptr.dtype.element_ty)
             else:
-                d = tl.load(d_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)
+                d = tl.load(d_ptr + rr * stride_dr, mask=mask_r, other=0.0).to(tl.float32)
                 # Round z ⊙ d to the operand dtype, as the eager chain does, then use tensor cores.
                 z = (z.to(tl.float32) * d[None, :]).to(z_ptr.dtype.element_ty)
-        u = tl.load(u_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
+        u = tl.load(u_ptr + _offsets(rr, offs_n, stride_ur, stride_un),
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(z, u, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + _offsets(offs_m, offs_n, stride_om, stride_on),
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -227,7 +254,7 @@ def _fold_kernel(
     # sizes
     N, K, R,
     # strides
-    stride_wn, stride_wk, stride_un, stride_ur, stride_vk, stride_vr, stride_on, stride_ok,
+    stride_wn, stride_wk, stride_un, stride_ur, stride_d, stride_vk, stride_vr, stride_on, stride_ok,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -241,21 +268,21 @@ def _fold_kernel(
     mask_n = offs_n < N
     mask_k = offs_k < K
     mask = mask_n[:, None] & mask_k[None, :]
-    acc = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=mask,
+    acc = tl.load(w_ptr + _offsets(offs_n, offs_k, stride_wn, stride_wk), mask=mask,
                   other=0.0).to(tl.float32)
     offs_rb = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + offs_rb
         mask_r = rr < R
-        u = tl.load(u_ptr + offs_n[:, None] * stride_un + rr[None, :] * stride_ur,
+        u = tl.load(u_ptr + _offsets(offs_n, rr, stride_un, stride_ur),
                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        d = tl.load(d_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + rr * stride_d, mask=mask_r, other=0.0).to(tl.float32)
         # u ⊙ d rounded to the operand dtype first, as the eager chain's U * d is
         ud = (u.to(tl.float32) * d[None, :]).to(u_ptr.dtype.element_ty)
-        vt = tl.load(v_ptr + rr[:, None] * stride_vr + offs_k[None, :] * stride_vk,
+        vt = tl.load(v_ptr + _offsets(rr, offs_k, stride_vr, stride_vk),
                      mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         acc += tl.dot(ud, vt, input_precision="ieee" if u_ptr.dtype.element_ty == tl.float32 else "tf32")
-    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
+    tl.store(out_ptr + _offsets(offs_n, offs_k, stride_on, stride_ok),
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -311,6 +338,13 @@ def _project_blocks(rank: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     if triton_interpret_enabled():
         return 16, block_r, block_k, 1
     return 64, block_r, block_k, 4
+
+
+def _fold_blocks() -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of the fold kernel (memory-bound: wide tiles along K)."""
+    if triton_interpret_enabled():
+        return 16, 32, 1
+    return 64, 128, 4
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -370,6 +404,7 @@ def lowrank_project(
             M, K, R,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
             scaled_arg.stride(0), scaled_arg.stride(1), aux_arg.stride(0), aux_arg.stride(1),
+            d.stride(0) if d is not None else 0,
             STORE_SCALED=d is not None, REDUCE_AUX=aux is not None, HAS_ROWS=rows is not None,
             INPUT_PRECISION=_input_precision(a.dtype),
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
@@ -388,21 +423,24 @@ def _adapter_blocks(idx: Tensor, n: int, block_m: int) -> tuple[Tensor, Tensor]:
     """(rows, starts) laying each adapter's tokens out in whole row blocks, in adapter order.
 
     rows [num_blocks * block_m] (int64): the token of each block row, -1 for padding; adapter a
-    owns blocks starts[a]..starts[a+1]-1 (starts [n + 1], int64). Tokens keep their order within
-    an adapter (stable sort), so the layout, and every sum over it, is deterministic. Reads the
-    block count back to the host (one sync).
+    owns blocks starts[a]..starts[a+1]-1 (starts [n + 2], int64). Tokens keep their order within
+    an adapter (stable sort), so the layout, and every sum over it, is deterministic. Tokens whose
+    index lies outside 0..n-1 (possible only under torch.compile, which skips the value check) get
+    blocks of their own after adapter n-1, starts[n]..starts[n+1]-1: their g is computed, their
+    z ⊙ g is summed into no row of dd. Reads the block count back to the host (one sync).
     """
     idx = idx.to(torch.int64)
-    counts = torch.bincount(idx, minlength=n)
+    group = torch.where((idx >= 0) & (idx < n), idx, n)
+    counts = torch.bincount(group, minlength=n + 1)
     blocks = (counts + block_m - 1) // block_m
-    starts = torch.zeros(n + 1, dtype=torch.int64, device=idx.device)
+    starts = torch.zeros(n + 2, dtype=torch.int64, device=idx.device)
     torch.cumsum(blocks, 0, out=starts[1:])
     num_blocks = int(starts[-1])
     rows = torch.full((num_blocks * block_m,), -1, dtype=torch.int64, device=idx.device)
     if idx.numel():
-        order = torch.argsort(idx, stable=True)
+        order = torch.argsort(group, stable=True)
         first_token = torch.cumsum(counts, 0) - counts
-        adapter = idx[order]
+        adapter = group[order]
         slot = starts[adapter] * block_m + (torch.arange(idx.numel(), device=idx.device) - first_token[adapter])
         rows[slot] = order
     return rows, starts
@@ -425,10 +463,8 @@ def dense_plus_lowrank(
     z [M, R], d [R] (None: z is already scaled), u [N, R], bias [N]; returns out [M, N].
     With ``idx`` [M] (int64), d is a bank [n, R] and row m is scaled by d[idx[m]] (gathered in
     the kernel). ``blocks`` overrides the tile configuration (tuning and tests)."""
-    if idx is not None:
-        if d is None:
-            raise ValueError("dense_plus_lowrank: idx needs the bank d [n, R]")
-        d = d.contiguous()
+    if idx is not None and (d is None or d.dim() != 2):
+        raise ValueError("dense_plus_lowrank: idx needs the bank d [n, R]")
     M = a.shape[0]
     N, R = u.shape
     K = a.shape[1]
@@ -443,13 +479,22 @@ def dense_plus_lowrank(
         stride_wk, stride_wn = w.stride(0), w.stride(1)
     else:
         stride_wn, stride_wk = w.stride(0), w.stride(1)
+    # d, bias and idx go in through their strides (any slice or broadcast view): a bank [n, R]
+    # by (row, column) strides, one d [R] as a bank of one row read with row stride 0.
+    if d is None:
+        stride_dn = stride_dr = 0
+    elif idx is not None:
+        stride_dn, stride_dr = d.stride(0), d.stride(1)
+    else:
+        stride_dn, stride_dr = 0, d.stride(0)
     grid = (triton.cdiv(M, blocks.block_m) * triton.cdiv(N, blocks.block_n),)
     _dense_lowrank_kernel[grid](
         a, w if w is not None else a, z, d if d is not None else z, u,
         bias if bias is not None else out, out, idx if idx is not None else out,
-        M, N, K, R,
+        M, N, K, R, d.shape[0] if idx is not None else 0,
         a.stride(0), a.stride(1), stride_wn, stride_wk, z.stride(0), z.stride(1),
-        u.stride(0), u.stride(1), out.stride(0), out.stride(1), d.stride(0) if idx is not None else 0,
+        u.stride(0), u.stride(1), out.stride(0), out.stride(1), stride_dn, stride_dr,
+        bias.stride(0) if bias is not None else 0, idx.stride(0) if idx is not None else 0,
         HAS_DENSE=w is not None, APPLY_D=d is not None, HAS_INDEX=idx is not None, HAS_BIAS=bias is not None,
         INPUT_PRECISION=_input_precision(a.dtype),
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, BLOCK_R=block_r,
@@ -458,19 +503,20 @@ def dense_plus_lowrank(
     return out
 
 
-def fold_weight(w: Tensor, u: Tensor, d: Tensor, v: Tensor) -> Tensor:
-    """w + (u ⊙ d)·vᵀ for w [N, K], u [N, R], d [R], v [K, R]; a new [N, K] tensor in w's dtype."""
+def fold_weight(w: Tensor, u: Tensor, d: Tensor, v: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """w + (u ⊙ d)·vᵀ for w [N, K], u [N, R], d [R], v [K, R]; a new [N, K] tensor in w's dtype,
+    or written into ``out`` (any strides, e.g. a block of a larger buffer) and returned."""
     N, K = w.shape
     R = u.shape[1]
-    out = torch.empty((N, K), device=w.device, dtype=w.dtype)
-    if triton_interpret_enabled():
-        block_n, block_k, warps = 16, 32, 1
-    else:
-        block_n, block_k, warps = 64, 128, 4
+    if out is None:
+        out = torch.empty((N, K), device=w.device, dtype=w.dtype)
+    elif tuple(out.shape) != (N, K) or out.dtype != w.dtype:
+        raise ValueError(f"fold_weight: out must be {(N, K)} {w.dtype}, got {tuple(out.shape)} {out.dtype}")
+    block_n, block_k, warps = _fold_blocks()
     block_r = min(max(triton.next_power_of_2(R), 16), 64)
     _fold_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
         w, u, d, v, out, N, K, R,
-        w.stride(0), w.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        w.stride(0), w.stride(1), u.stride(0), u.stride(1), d.stride(0), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
     )

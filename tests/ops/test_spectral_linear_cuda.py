@@ -2,7 +2,7 @@
 
 The rule (DESIGN.md §9, tests/helpers.py): error ≤ 2× plain PyTorch's error in the same dtype, plus
 a tiny floor. Shapes are odd on purpose: T ∈ {1, 3, 16} runs the decode plan (one launch), T = 129
-the mma plan; in/out/k are not multiples of any tile, chunk or vector width unless a test says so.
+the cuBLAS plan; in/out/k are not multiples of any tile, chunk or vector width unless a test says so.
 Skipped unless a CUDA device is visible and _C is built for it.
 """
 import pytest
@@ -26,7 +26,7 @@ SHAPES = [
     ((3,), 257, 300, 130),      # decode, T = 3, k over several z tiles
     ((2, 8), 37, 53, 5),        # decode, T = 16 from batch dims
     ((16,), 257, 53, 130),
-    ((3, 43), 37, 53, 5),       # mma plan, T = 129
+    ((3, 43), 37, 53, 5),       # cuBLAS plan, T = 129
     ((129,), 257, 300, 130),
     ((129,), 37, 300, 5),
 ]
@@ -50,7 +50,7 @@ def test_cuda_decode_edges(dtype, lead, n_in, n_out, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lead", [(3, 5), (5, 43)])  # decode (T = 15) and mma (T = 215)
+@pytest.mark.parametrize("lead", [(3, 5), (5, 43)])  # decode (T = 15) and cuBLAS (T = 215)
 def test_cuda_non_contiguous_x(dtype, lead):
     ops = make_operands(lead, 37, 53, 5, transpose_x=True, device="cuda")
     assert not ops.x.is_contiguous()
@@ -137,7 +137,7 @@ def test_cuda_under_torch_compile():
     ops = make_operands((2, 9), 37, 53, 5, device="cuda").cast(torch.float16)
     x, U, d, V, bias, weight = ops.as_tuple()
     x2d = x.reshape(-1, x.shape[-1])
-    for tokens in (5, 18):  # decode plan, mma plan
+    for tokens in (5, 18):  # decode plan, cuBLAS plan
         args = (x2d[:tokens], U, d, V, bias, weight)
         fwd = torch.compile(cu.spectral_linear_fwd_cuda, fullgraph=True)
         for got, want in zip(fwd(*args), cu.spectral_linear_fwd_cuda(*args)):
@@ -161,7 +161,7 @@ def _cuda_backend_fns():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 5, 16, 131])  # decode plan and mma plan
+@pytest.mark.parametrize("tokens", [1, 5, 16, 131])  # decode plan and cuBLAS plan
 def test_cuda_strided_x_and_dy(dtype, tokens):
     """x = randn(in, T).t() and dy = randn(out, T).t(): column-major token matrices reach the
     kernels as they are (the op's reshape would have copied them)."""

@@ -2,7 +2,7 @@
 
 Against the float64 reference with the 2x rule of tests/helpers.py: y, dx, the bank gradient dd
 [n, k] and dbias, for fp32 / fp16 / bf16, odd shapes, leading batch dims, T in the decode plan's
-range (1, 4, 16) and the mma plan's (300, 1000), n in {1, 3, 64}. Also: rows no token picked get
+range (1, 4, 16) and the cuBLAS plan's (300, 1000), n in {1, 3, 64}. Also: rows no token picked get
 exactly zero gradient, two runs are bitwise equal, a bank of one with an all-zero index is the
 plain path bit for bit (through the op, and at the kernels, where no front end reduces it), and
 bad indices are refused naming adapter_index (or, out of range under compile, give NaN for their
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _READY, reason=_WHY)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 cuda_backend = functools.partial(sk.spectral_linear, backend="cuda")
 
-# (leading dims, in, out, k): decode plan T = 1, 4, 16 (from batch dims), mma plan T = 300, 1000
+# (leading dims, in, out, k): decode plan T = 1, 4, 16 (from batch dims), cuBLAS plan T = 300, 1000
 SHAPES = [
     ((1,), 37, 53, 5),
     ((4,), 257, 300, 130),      # k over several z tiles
@@ -61,7 +61,7 @@ def test_cuda_bank_matches_reference(dtype, lead, n_in, n_out, k, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("seq", [1, 75])  # T = 4 (decode), 300 (mma)
+@pytest.mark.parametrize("seq", [1, 75])  # T = 4 (decode), 300 (cuBLAS)
 def test_cuda_bank_index_broadcast_over_sequence(dtype, seq):
     """x [batch, seq, in] with an index [batch, 1]: one adapter per sample."""
     ops = make_bank_operands((4, seq), 41, 27, 9, 3, device="cuda")
@@ -170,7 +170,7 @@ def test_cuda_bank_coeff_grads(dtype, tokens, n, skew):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [5, 70])  # decode plan, mma plan
+@pytest.mark.parametrize("tokens", [5, 70])  # decode plan, cuBLAS plan
 def test_cuda_bank_strided_operands(dtype, tokens):
     """A bank given as a transposed view (d = D.t(), strides (1, n)), an index with stride 2 and a
     column-major x: every stride reaches the kernels."""
