@@ -183,6 +183,7 @@ def adapt(
     *,
     factors: Mapping[str, Factors] | None = None,
     verbose: bool = False,
+    distributed: bool | None = None,
 ) -> nn.Module:
     """Replace ``model``'s target layers in place by spectral layers; freeze everything else.
 
@@ -194,6 +195,11 @@ def adapt(
         verbose: also print the report (what was replaced and the trainable parameter count).
             Quiet by default: the report is on ``model.spectral_report`` and goes to the
             ``spectral_kernels`` logger (one INFO line, a DEBUG line per layer).
+        distributed: split the SVDs across the ranks of the initialised process group (each
+            matrix decomposed by one rank, the factors broadcast; every rank must then call adapt
+            on the same model). False: this rank computes every SVD itself and talks to no other
+            rank. None (default): ``SPECTRAL_KERNELS_SVD_DISTRIBUTED=1`` in the environment opts
+            in, otherwise False. See docs/distributed.md.
 
     Returns:
         ``model`` itself, with ``model.spectral_config = config`` and ``model.spectral_report``
@@ -222,7 +228,7 @@ def adapt(
             raise ValueError(f"modules_to_save: module {keep!r} contains the target {inside[0]!r}; a module is "
                              "either adapted or kept trainable, not both")
 
-    svd = _factors(targets, ranks, config, factors or {})
+    svd = _factors(targets, ranks, config, factors or {}, split_across_ranks(distributed))
     report = AdaptReport()
     for name, module in targets.items():
         layer = _build(module, ranks[name], svd[name], config)
@@ -290,7 +296,7 @@ def _check_quantized_config(name: str, module: nn.Module, config: SpectralConfig
 
 
 def _factors(targets: dict[str, nn.Module], ranks: dict[str, int], config: SpectralConfig,
-             given: Mapping[str, Factors]) -> dict[str, Factors]:
+             given: Mapping[str, Factors], split: bool = False) -> dict[str, Factors]:
     """Top-k factors of every target: given ones, else batched_truncated_svd per distinct k.
 
     Quantized targets are dequantized to float32 :data:`QUANT_SVD_CHUNK` layers at a time, each
@@ -306,19 +312,19 @@ def _factors(targets: dict[str, nn.Module], ranks: dict[str, int], config: Spect
         else:
             by_k.setdefault(ranks[name], {})[name] = base_weight(module).detach()
     for k, mats in by_k.items():
-        out.update(_batched_svd(mats, k, config))
+        out.update(_batched_svd(mats, k, config, split))
     if quant_by_k:
         from spectral_kernels.tuning.quantized import dequantize
 
         for k, names in quant_by_k.items():
             for i in range(0, len(names), QUANT_SVD_CHUNK):
                 chunk = {n: dequantize(targets[n]) for n in names[i:i + QUANT_SVD_CHUNK]}
-                out.update(_batched_svd(chunk, k, config))
+                out.update(_batched_svd(chunk, k, config, split))
                 del chunk
     return out
 
 
-def _batched_svd(mats: dict[str, Tensor], k: int, config: SpectralConfig) -> dict[str, Factors]:
+def _batched_svd(mats: dict[str, Tensor], k: int, config: SpectralConfig, split: bool = False) -> dict[str, Factors]:
     from spectral_kernels.ops.truncated_svd import batched_truncated_svd
 
     for name, W in mats.items():
@@ -335,7 +341,7 @@ def _batched_svd(mats: dict[str, Tensor], k: int, config: SpectralConfig) -> dic
         )
         return {n: (r.U, r.S, r.V) for n, r in res.items()}
 
-    if split_across_ranks():  # each matrix decomposed on one rank, factors broadcast
+    if split:  # each matrix decomposed on one rank, factors broadcast (opted in by the caller)
         return distributed_svd(mats, k, svd)
     return svd(mats)
 
