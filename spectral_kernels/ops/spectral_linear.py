@@ -10,7 +10,8 @@ Layers, in reading order:
    ``spectral_linear_cuda.py``;
 2. the custom ops ``spectral_kernels::spectral_linear`` (returns y and z = x·V) and
    ``spectral_kernels::spectral_linear_backward``, each with a fake for torch.compile;
-3. the autograd registration (saves z, not x, when U and V are frozen), shared by the custom op
+3. the autograd registration (saves z, not x, when U and V are frozen; a backward under
+   ``create_graph=True`` runs as differentiable torch ops, so second derivatives are exact), shared by the custom op
    and by :class:`_SpectralLinearFunction`, the same op as a plain autograd.Function that eager
    calls take (the custom-op dispatcher costs tens of µs a call, as much as a whole decode step);
 4. the public function :func:`spectral_linear`, which checks arguments and picks the backend of
@@ -128,7 +129,9 @@ def _(dy, z, U, d, V, weight, adapter_index, backend):
 
 # --- 3. autograd ---------------------------------------------------------------------------------
 def _save(ctx, x, U, d, V, weight, adapter_index, z, backward_backend, needs_input_grad):
-    ctx.mark_non_differentiable(z)
+    # z stays differentiable (its gradient is dz·Vᵀ into dx, xᵀ·dz into dV): a double backward
+    # differentiates dd = Σ z ⊙ g through the saved z back to x. Unused, its gradient is None.
+    ctx.set_materialize_grads(False)
     if needs_input_grad[5]:
         raise RuntimeError("spectral_linear: weight is frozen; call weight.requires_grad_(False)")
     # x itself is kept only for dV; otherwise z (T×k) is the only activation saved.
@@ -141,8 +144,14 @@ def _setup_context(ctx, inputs, output):
     _save(ctx, x, U, d, V, weight, adapter_index, output[1], backward_backend, ctx.needs_input_grad)
 
 
-def _gradients(ctx, dy, backward_op):
-    """(dx, dU, dd, dV, dbias) from the saved tensors; backward_op computes (dx, dd, g)."""
+def _gradients(ctx, dy, dz, backward_op):
+    """(dx, dU, dd, dV, dbias) from the saved tensors; backward_op computes (dx, dd, g).
+
+    When a graph is built through the backward (``create_graph=True``: grad mode is on inside it)
+    or z's gradient is given (the second pass of a double backward), the gradients are written
+    with differentiable torch ops instead (:func:`_differentiable_gradients`), on every backend."""
+    if dz is not None or dy is None or torch.is_grad_enabled():
+        return _differentiable_gradients(ctx, dy, dz)
     x, z, U, d, V, weight, adapter_index = ctx.saved_tensors
     needs_x, needs_U, needs_d, needs_V, needs_bias = ctx.needs_input_grad[:5]
     dx = dd = g = None
@@ -170,6 +179,44 @@ def _gradients(ctx, dy, backward_op):
     return dx, dU, dd if needs_d else None, dV, db
 
 
+def _differentiable_gradients(ctx, dy, dz):
+    """The backward of the docstring of :func:`spectral_linear` as a chain of differentiable torch
+    ops, plus z's gradient dz (z = x·V: dx += dz·Vᵀ, dV += xᵀ·dz). Second derivatives flow
+    through dy, U, d, V, weight and, through the saved z (an output of this op), back to x."""
+    if dy is None and dz is None:
+        return None, None, None, None, None
+    x, z, U, d, V, weight, adapter_index = ctx.saved_tensors
+    needs_x, needs_U, needs_d, needs_V, needs_bias = ctx.needs_input_grad[:5]
+    lead = (dy if dy is not None else dz).shape[:-1]
+    idx = _flat_index(adapter_index, lead)
+    dt = d[idx] if idx is not None else d
+    dx = dU = dd = dV = db = None
+    if dy is not None:
+        dy2, z2 = _flat(dy), _flat(z)
+        g = dy2 @ U
+        if needs_x:
+            dx = (g * dt) @ V.t()
+            if weight is not None:
+                dx = dx + dy2 @ weight
+        if needs_d:
+            dd = lowrank_coeff_grad_ref(z2, g, idx, d.shape[0] if idx is not None else None).to(d.dtype)
+        if needs_U:
+            dU = dy2.t() @ (z2 * dt)
+        if needs_V:
+            dV = _flat(x).t() @ (g * dt)
+        if needs_bias:
+            db = dy2.sum(0)
+    if dz is not None:
+        dz2 = _flat(dz)
+        if needs_x:
+            dx = dz2 @ V.t() if dx is None else dx + dz2 @ V.t()
+        if needs_V:
+            dV = _flat(x).t() @ dz2 if dV is None else dV + _flat(x).t() @ dz2
+    if dx is not None:
+        dx = dx.reshape(*lead, V.shape[0])
+    return dx, dU, dd, dV, db
+
+
 def _coeff_grad(backend: str, z: Tensor, g: Tensor, idx: Optional[Tensor], d: Tensor) -> Tensor:
     """dd alone (x needs no gradient). A bank on the cuda backend takes its deterministic
     per-adapter reduction: torch's index_add_ uses atomics on CUDA."""
@@ -180,8 +227,8 @@ def _coeff_grad(backend: str, z: Tensor, g: Tensor, idx: Optional[Tensor], d: Te
     return lowrank_coeff_grad_ref(z, g, idx, d.shape[0] if idx is not None else None)
 
 
-def _backward(ctx, dy, _dz):
-    return (*_gradients(ctx, dy, _spectral_linear_backward_op), None, None, None, None)
+def _backward(ctx, dy, dz):
+    return (*_gradients(ctx, dy, dz, _spectral_linear_backward_op), None, None, None, None)
 
 
 _spectral_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -198,8 +245,8 @@ class _SpectralLinearFunction(torch.autograd.Function):
         return y, z
 
     @staticmethod
-    def backward(ctx, dy, _dz):
-        return (*_gradients(ctx, dy, _backward_dx), None, None, None, None)
+    def backward(ctx, dy, dz):
+        return (*_gradients(ctx, dy, dz, _backward_dx), None, None, None, None)
 
 
 # --- 4. public function ---------------------------------------------------------------------------
@@ -247,7 +294,9 @@ def spectral_linear(
         dV    = xᵀ·(g ⊙ d)           (only when V requires grad; x is then saved too)
 
     With U and V frozen the only activation saved is z (T×k values), and no dense dW is formed;
-    weight must not require grad.
+    weight must not require grad. Second derivatives (``create_graph=True``, gradgradcheck) are
+    exact on every backend: a backward that builds a graph runs these formulas as differentiable
+    torch ops, and z's own gradient (dx += dz·Vᵀ, dV += xᵀ·dz) carries them back to x.
 
     With a bank, every d above reads the token's row d[idx_t], and the bank's gradient is the
     scatter-add ``dd[i] = Σ_{t: idx_t = i} z_t ⊙ g_t`` ([n, k]; rows no token picked are exactly
