@@ -49,7 +49,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def check_rank(rank: object, in_features: int, out_features: int) -> int:
-    """rank must be an int in 1..min(in_features, out_features)."""
+    """in_features and out_features at least 1; rank an int in 1..min(in_features, out_features)."""
+    for name, size in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {size!r}: a layer without inputs or outputs has "
+                             "no spectrum to adapt (leave it out of target_modules)")
     limit = min(in_features, out_features)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
         raise ValueError(

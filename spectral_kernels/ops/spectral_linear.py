@@ -19,13 +19,19 @@ Layers, in reading order:
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from spectral_kernels.backends import resolve_backend
-from spectral_kernels.ops._checks import check_adapter_index_values, check_spectral_linear_args
+from spectral_kernels.ops._checks import (
+    check_adapter_index_values,
+    check_not_meta,
+    check_spectral_linear_args,
+    check_triton_interpreter_dtype,
+)
 from spectral_kernels.ops.reference import (
     lowrank_coeff_grad_ref,
     spectral_linear_bwd_ref,
@@ -68,9 +74,39 @@ def _flat_index(adapter_index: Optional[Tensor], lead) -> Optional[Tensor]:
 def _forward(x, U, d, V, bias, weight, adapter_index, backend):
     fwd, _ = _implementations(backend)
     idx = _flat_index(adapter_index, x.shape[:-1])
-    y, z = fwd(_flat(x), U, d, V, bias, weight, idx) if idx is not None else fwd(_flat(x), U, d, V, bias, weight)
+    x2d = _flat(x)
+    y, z = fwd(x2d, U, d, V, bias, weight, idx) if idx is not None else fwd(x2d, U, d, V, bias, weight)
+    if x.device.type == "cpu":
+        y = _dense_rows_where_not_finite(x2d, U, d, V, bias, weight, idx, y, z)
     lead = x.shape[:-1]
     return y.reshape(*lead, U.shape[0]), z.reshape(*lead, V.shape[1])
+
+
+def _dense_rows_where_not_finite(x2d, U, d, V, bias, weight, idx, y, z):
+    """y with the rows whose z = x·V is not finite recomputed as F.linear on the merged weight
+    W' = weight + (U ⊙ d)·Vᵀ (U·diag(d)·Vᵀ in pure form), so an Inf in x gives the ±Inf that
+    F.linear on W' gives. The low-rank chain would multiply the Inf through z, d and Uᵀ and mix
+    signs into NaN. CPU only: on a GPU the test would cost a device sync per call. A row whose Inf
+    sits where V is zero keeps a finite z; there W' equals weight, so the chain agrees anyway."""
+    if z.numel() == 0 or math.isfinite(float(z.sum())):  # one cheap reduction on the common path
+        return y
+    rows = (~torch.isfinite(z).all(-1)).nonzero().squeeze(1)
+    if not rows.numel():  # the sum overflowed, every z finite
+        return y
+    y = y.clone()
+    for row_d, sel in _rows_by_coefficients(d, idx, rows):
+        Ud = U * row_d
+        merged = Ud @ V.t() if weight is None else torch.addmm(weight, Ud, V.t())
+        y[sel] = torch.nn.functional.linear(x2d[sel], merged, bias).to(y.dtype)
+    return y
+
+
+def _rows_by_coefficients(d, idx, rows):
+    """(d [k], the rows that use it): d itself, or each bank row picked by ``rows``."""
+    if idx is None:
+        return [(d, rows)]
+    picked = idx[rows]
+    return [(d[i], rows[picked == i]) for i in picked.unique().tolist()]
 
 
 def _backward_dx(dy, z, U, d, V, weight, adapter_index, backend):
@@ -298,6 +334,13 @@ def spectral_linear(
     exact on every backend: a backward that builds a graph runs these formulas as differentiable
     torch ops, and z's own gradient (dx += dz·Vᵀ, dV += xᵀ·dz) carries them back to x.
 
+    Non-finite inputs (CPU tensors, every backend): a token whose z = x·V is not finite (an Inf or
+    NaN in x) is computed as ``F.linear(x, weight + U·diag(d)·Vᵀ, bias)``, so it gets the ±Inf
+    F.linear gives on the merged weight where the low-rank chain would mix signs into NaN (on a
+    GPU that test would cost a device sync per call and is not made). Refused: a meta x, x with
+    0 features, and bfloat16 on the triton backend under the Triton interpreter (it computes
+    bfloat16 wrongly there).
+
     With a bank, every d above reads the token's row d[idx_t], and the bank's gradient is the
     scatter-add ``dd[i] = Σ_{t: idx_t = i} z_t ⊙ g_t`` ([n, k]; rows no token picked are exactly
     zero). Banks run on torch (gather + index_add_), triton and cuda (row gathers in the kernels,
@@ -320,6 +363,7 @@ def spectral_linear_with_valid_index(
 
 
 def _spectral_linear(x, U, d, V, bias, weight, adapter_index, backend, *, check_index_values: bool) -> Tensor:
+    check_not_meta(x=x)  # the other operands then fail the one-device check, which names them
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
     if torch.is_autocast_enabled(device_type):
         # As F.linear under autocast: every operand in the autocast dtype. The op then runs with
@@ -343,6 +387,7 @@ def _spectral_linear(x, U, d, V, bias, weight, adapter_index, backend, *, check_
     extra = {"bank": True} if bank else {}
     forward_backend = resolve_backend(backend, x.device, x.dtype, shape, "forward", delta, **extra)
     backward_backend = resolve_backend(backend, x.device, x.dtype, shape, "backward", delta, **extra)
+    check_triton_interpreter_dtype(x, (forward_backend, backward_backend))
     args = (x, U, d, V, bias, weight, adapter_index, forward_backend, backward_backend)
     if compiling:
         y, _ = _spectral_linear_op(*args)

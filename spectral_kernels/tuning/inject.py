@@ -216,6 +216,9 @@ def adapt(
     for name, module in targets.items():
         _check_quantized_config(name, module, config)
         out_f, in_f = base_shape(module)
+        if min(in_f, out_f) < 1:
+            raise ValueError(f"layer {name!r} ({type(module).__name__} {in_f}→{out_f}) has no inputs or outputs, so no "
+                             "spectrum to adapt; leave it out of target_modules")
         k = config.rank_for(in_f, out_f)
         if k > min(in_f, out_f):
             raise ValueError(f"rank {k} is too large for layer {name!r} ({type(module).__name__} {in_f}→{out_f}): "
@@ -328,6 +331,9 @@ def _batched_svd(mats: dict[str, Tensor], k: int, config: SpectralConfig, split:
     from spectral_kernels.ops.truncated_svd import batched_truncated_svd
 
     for name, W in mats.items():
+        if W.is_meta:
+            raise ValueError(f"layer {name!r}: its weight is a meta tensor (a shape without data, e.g. a model built "
+                             "under device='meta' or init_empty_weights); load or materialise the weights before adapt")
         if not torch.isfinite(W).all():
             raise ValueError(f"layer {name!r}: its weight holds NaN or Inf; cannot take its SVD")
 
