@@ -39,7 +39,7 @@ from spectral_kernels.nn.spectral_linear import (
     close_batch,
     open_batch,
 )
-from spectral_kernels.tuning.inject import spectral_layers, unwrap
+from spectral_kernels.tuning.inject import no_adapter_hint, spectral_layers, unwrap
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -57,9 +57,7 @@ def _layers(model: nn.Module, what: str, *, outside_batch: bool = False) -> dict
     """The model's spectral layers; raises for none, for SpecLoRA layers, and (``outside_batch``)
     inside an :func:`adapter_batch` block, whose bank and grad flags a change of the adapter set
     or of the active adapter would silently invalidate."""
-    layers = spectral_layers(unwrap(model))
-    if not layers:
-        raise ValueError(f"{what}: the model has no spectral layer; call adapt(model, config) first")
+    layers = _present_layers(model, what)
     for name, layer in layers.items():
         if isinstance(layer, SpecLoRALinear):
             raise NotImplementedError(
@@ -73,7 +71,14 @@ def _layers(model: nn.Module, what: str, *, outside_batch: bool = False) -> dict
 
 def list_adapters(model: nn.Module) -> list[str]:
     """The adapter names of the model ("default" first)."""
-    return _adapter_names(spectral_layers(unwrap(model)))
+    return _adapter_names(_present_layers(model, "list_adapters"))
+
+
+def _present_layers(model: nn.Module, what: str) -> dict[str, SpectralLinear]:
+    layers = spectral_layers(unwrap(model))
+    if not layers:
+        raise ValueError(f"{what}: the model has no spectral layer; {no_adapter_hint(model)}")
+    return layers
 
 
 def _adapter_names(layers: dict[str, SpectralLinear]) -> list[str]:
@@ -82,7 +87,7 @@ def _adapter_names(layers: dict[str, SpectralLinear]) -> list[str]:
 
 def active_adapter(model: nn.Module) -> str:
     """The name of the adapter that runs outside :func:`adapter_batch`."""
-    return next(iter(spectral_layers(unwrap(model)).values())).active_adapter
+    return next(iter(_present_layers(model, "active_adapter").values())).active_adapter
 
 
 def add_adapter(model: nn.Module, name: str) -> nn.Module:

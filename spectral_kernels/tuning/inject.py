@@ -106,6 +106,18 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+#: attribute of a merged model: {name: the SpectralLinear that merge_adapter replaced}
+MERGED_ATTR = "_spectral_merged"
+
+
+def no_adapter_hint(model: nn.Module) -> str:
+    """What to do about a model without spectral layers: unmerge it when merge_adapter merged
+    them into dense layers, else adapt it."""
+    if getattr(unwrap(model), MERGED_ATTR, None):
+        return "its adapter is merged into dense layers (merge_adapter); call unmerge(model) first"
+    return "call adapt(model, config) first"
+
+
 def spectral_layers(model: nn.Module) -> dict[str, SpectralLinear]:
     """Every SpectralLinear (SpecLoRALinear included) in the model, by qualified name."""
     return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, SpectralLinear)}

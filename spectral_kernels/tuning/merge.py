@@ -21,12 +21,17 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from spectral_kernels.tuning.inject import SOURCE_ATTR, _set_submodule, conv1d_type, spectral_layers, unwrap
+from spectral_kernels.tuning.inject import (
+    MERGED_ATTR,
+    SOURCE_ATTR,
+    _set_submodule,
+    conv1d_type,
+    spectral_layers,
+    unwrap,
+)
 from spectral_kernels.nn.quantized import QuantizedSpectralLinear
 from spectral_kernels.nn.spectral_linear import SpectralLinear
 
-#: attribute of a merged model: {name: the SpectralLinear that merge_adapter replaced}
-MERGED_ATTR = "_spectral_merged"
 #: attribute of a merged model: {name: the adapter merge_adapter merged into that layer}
 MERGED_ADAPTER_ATTR = "_spectral_merged_adapter"
 

@@ -70,3 +70,17 @@ def test_unmerge_of_a_named_adapter_checks_against_that_adapter():
     merge_adapter(model, adapter="t")
     unmerge(model)  # the merged weights are those of "t", not of the active "default"
     assert sk.list_adapters(model) == ["default", "t"]
+
+
+def test_calls_on_a_merged_model_say_to_unmerge():
+    torch.manual_seed(0)
+    model = adapt(MLP(), SpectralConfig(target_modules=["fc1", "fc2"], rank=3), verbose=False)
+    merge_adapter(model)
+    for call in (lambda: sk.add_adapter(model, "t"), lambda: sk.list_adapters(model),
+                 lambda: sk.active_adapter(model), lambda: sk.param_groups(model, lr=1e-3)):
+        with pytest.raises(ValueError, match=r"merged into dense layers \(merge_adapter\); call unmerge\(model\) first"):
+            call()
+    unmerge(model)
+    assert sk.list_adapters(model) == ["default"]
+    with pytest.raises(ValueError, match=r"call adapt\(model, config\) first"):
+        sk.list_adapters(MLP())
