@@ -148,7 +148,8 @@ def unmerge(model: nn.Module) -> nn.Module:
         dense = dense_layers[name]
         if not isinstance(layer, QuantizedSpectralLinear):
             layer = layer.to(device=dense.weight.device)
-            if layer.bias is not None and dense.bias is not None:
+            if layer.bias is not None and dense.bias is not None and not torch.equal(
+                    dense.bias, layer.bias.to(dense.bias.dtype)):  # changed while merged: keep it
                 layer.bias.copy_(dense.bias)
         _set_submodule(m, name, layer)
     setattr(m, MERGED_ATTR, {})

@@ -84,3 +84,13 @@ def test_calls_on_a_merged_model_say_to_unmerge():
     assert sk.list_adapters(model) == ["default"]
     with pytest.raises(ValueError, match=r"call adapt\(model, config\) first"):
         sk.list_adapters(MLP())
+
+
+def test_an_unchanged_bias_keeps_its_precision_through_a_cast_merged_model():
+    torch.manual_seed(0)
+    model = _adapted(MLP(), ["fc1", "fc2"])
+    bias = model.fc1.bias.detach().clone()
+    merge_adapter(model)
+    model.half()  # the merged dense layers only; the spectral layers wait aside in float32
+    unmerge(model)
+    assert torch.equal(model.fc1.bias.detach(), bias)
