@@ -239,7 +239,7 @@ class SpectralLinear(nn.Module):
         return _OPEN_BATCHES.get().get(id(self)) if self._open_batches else None
 
     def forward(self, x: Tensor) -> Tensor:
-        batch = self.current_batch() if self._open_batches else None
+        batch = self.current_batch()
         if batch is not None:
             bank, index = batch.bank_and_index(self, x)
             # the index was built from adapter names, so its rows are valid by construction: no
@@ -307,7 +307,6 @@ def check_adapter_name(name: object) -> str:
         raise ValueError(f"adapter name {name!r} is reserved: it is an attribute of torch modules (nn.Module / "
                          "nn.ParameterDict, which holds adapters by name); choose another name")
     return name
-
 
 
 # --- adapter_batch state ---------------------------------------------------------------------------
