@@ -84,6 +84,9 @@ class SpectralLinear(nn.Module):
     #: before it existed load): the forward looks up its own thread's block only while one is
     #: open, so a compiled forward outside blocks stays traceable
     _open_batches = 0
+    #: the block of this layer's last forward, while that forward ran in one: a forward recomputed
+    #: inside a backward (activation checkpointing) after the block closed runs with it again
+    _recorded_batch = None
 
     def __init__(
         self,
@@ -234,14 +237,28 @@ class SpectralLinear(nn.Module):
             return self._spectrum_of(c)
         return self.s * (c - 1.0) if self.mode == "scale" else c
 
+    def __getstate__(self) -> dict:
+        # a copy or pickle of a layer is in no adapter_batch block, open or recorded
+        state = self.__dict__.copy()
+        state.pop("_open_batches", None)
+        state.pop("_recorded_batch", None)
+        return state
+
     def current_batch(self) -> "_BatchAdapters | None":
         """The adapter_batch block open on this layer in the calling thread (or asyncio task), or None."""
         return _OPEN_BATCHES.get().get(id(self)) if self._open_batches else None
 
     def forward(self, x: Tensor) -> Tensor:
-        batch = self.current_batch()
+        batch, recompute = self.current_batch(), False
+        if batch is None and self._recorded_batch is not None and not torch.compiler.is_compiling():
+            if torch._C._current_graph_task_id() != -1:  # inside a backward: a checkpoint's recompute
+                batch, recompute = self._recorded_batch, True
+            else:
+                self._recorded_batch = None
         if batch is not None:
-            bank, index = batch.bank_and_index(self, x)
+            if self._recorded_batch is not batch:
+                self._recorded_batch = batch
+            bank, index = batch.bank_and_index(self, x, recompute=recompute)
             # the index was built from adapter names, so its rows are valid by construction: no
             # read-back of its values (a device sync per layer on a GPU)
             return spectral_linear_with_valid_index(x, self.U, bank, self.V, self.bias, self.weight, index,
@@ -430,9 +447,16 @@ class _BatchAdapters:
                 "batch_dim= (0 for batch-first inputs [batch, seq, in], 1 for sequence-first [seq, batch, in])")
         return 0
 
-    def bank_and_index(self, layer: SpectralLinear, x: Tensor) -> tuple[Tensor, Tensor]:
+    def bank_and_index(self, layer: SpectralLinear, x: Tensor, *, recompute: bool = False) -> tuple[Tensor, Tensor]:
+        """The bank [n, k] (in x's dtype) and the index for ``layer``'s input x. ``recompute``: the
+        forward is recomputed inside a backward after the block closed (activation checkpointing):
+        the coefficients are held trainable until that backward ends, so the recomputed graph
+        reaches them."""
         dim = self._batch_dim_of(x)
         params = self.coefficients_of(layer)
+        if recompute and torch.is_grad_enabled():
+            GRAD_HOLDS.hold(params)
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: GRAD_HOLDS.release(params))
         stacked = torch.stack(params)
         if stacked.requires_grad:
             stacked.register_hook(_train_through_backward(params))

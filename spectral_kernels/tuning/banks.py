@@ -167,7 +167,9 @@ def adapter_batch(model: nn.Module, names: Sequence[str], *, batch_dim: int | No
     with their own state (the active adapter, or their own block). Inside the block the named
     adapters' coefficients require grad (restored on exit); a loss computed inside the block
     trains them wherever backward() is called, inside the block or after it; each adapter gets
-    only its own samples' gradient, adapters not named get none. Not reentrant in one thread;
+    only its own samples' gradient, adapters not named get none. A forward recomputed in the
+    backward by activation checkpointing (torch.utils.checkpoint, reentrant or not) runs with the
+    block of the layer's last forward, also after the block closed. Not reentrant in one thread;
     add/set/delete_adapter are refused while a block is open on the model in any thread.
 
     Raises:

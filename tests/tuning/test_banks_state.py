@@ -215,3 +215,43 @@ def test_add_adapter_is_all_or_nothing(monkeypatch):
     assert sk.list_adapters(model) == ["default", "a", "b"]
     sk.add_adapter(model, "c")  # and the name is free again
     assert sk.list_adapters(model) == ["default", "a", "b", "c"]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("where", ["inside", "after"])
+def test_activation_checkpointing_recomputes_with_the_block(reentrant, where):
+    """A checkpointed forward is recomputed in the backward: after the block closed it still runs
+    with the block's adapters, so the gradients equal those of a plain backward in the block."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _three_tasks().double()
+    x = torch.randn(3, 13, dtype=torch.float64, requires_grad=True)
+    with sk.adapter_batch(model, NAMES):
+        model(x).pow(2).sum().backward()
+    want = _grads(model)
+    _clear(model)
+    flags = _flags(model)
+    with sk.adapter_batch(model, NAMES):
+        loss = checkpoint(model, x, use_reentrant=reentrant).pow(2).sum()
+        if where == "inside":
+            loss.backward()
+    if where == "after":
+        loss.backward()
+    got = _grads(model)
+    for key, w in want.items():
+        assert (got[key] is None) == (w is None), key
+        if w is not None:
+            torch.testing.assert_close(got[key], w, rtol=1e-12, atol=1e-12)
+    assert _flags(model) == flags
+
+
+def test_a_copy_of_a_layer_is_in_no_block():
+    import copy
+
+    model = _three_tasks()
+    with torch.no_grad(), sk.adapter_batch(model, ["a", "b"]):
+        model(torch.randn(2, 13))
+        clone = copy.deepcopy(model)
+    assert all(layer._open_batches == 0 and layer._recorded_batch is None
+               for layer in spectral_layers(clone).values())
+    sk.add_adapter(clone, "c")  # not refused: no block is open on the copy
