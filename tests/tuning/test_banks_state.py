@@ -255,3 +255,12 @@ def test_a_copy_of_a_layer_is_in_no_block():
     assert all(layer._open_batches == 0 and layer._recorded_batch is None
                for layer in spectral_layers(clone).values())
     sk.add_adapter(clone, "c")  # not refused: no block is open on the copy
+
+
+def test_load_adapter_into_a_reserved_slot_is_refused_before_any_layer_changes(tmp_path):
+    model = _three_tasks()
+    sk.save_adapter(model, tmp_path / "a.safetensors", adapter="a")
+    with pytest.raises(ValueError, match="'update' is reserved"):
+        sk.load_adapter(model, tmp_path / "a.safetensors", adapter="update")
+    assert sk.list_adapters(model) == ["default", "a", "b"]
+    assert all("update" not in layer.coeff_bank._parameters for layer in spectral_layers(model).values())
