@@ -76,7 +76,8 @@ def check_entry(key: str, tensors: dict[str, Tensor], metadata: dict[str, str] |
     want = {"U": (*lead, m, k), "S": (*lead, k), "V": (*lead, n, k)}
     for name, t in zip(FACTORS, (U, S, V)):
         if tuple(t.shape) != want[name]:
-            return f"has {name} of shape {tuple(t.shape)}, expected {want[name]} for a weight of shape {tuple(A.shape)} at k={k}"
+            return (f"has {name} of shape {tuple(t.shape)}, expected {want[name]} for a weight of shape "
+                    f"{tuple(A.shape)} at k={k}")
     if not (U.dtype == S.dtype == V.dtype) or not U.is_floating_point():
         return f"has factors of dtypes {U.dtype}, {S.dtype}, {V.dtype}; expected one floating dtype"
     if factors_checksum(U, S, V) != metadata["sha256"]:
