@@ -12,8 +12,9 @@ Layers, in reading order:
    ``spectral_kernels::spectral_linear_backward``, each with a fake for torch.compile;
 3. the autograd registration (saves z, not x, when U and V are frozen; a backward under
    ``create_graph=True`` runs as differentiable torch ops, so second derivatives are exact),
-   shared by the custom op and by :class:`_SpectralLinearFunction`, the same op as a plain autograd.Function that eager
-   calls take (the custom-op dispatcher costs tens of µs a call, as much as a whole decode step);
+   shared by the custom op and by :class:`_SpectralLinearFunction`, the same op as a plain
+   autograd.Function that eager calls take (the custom-op dispatcher costs tens of µs a call, as
+   much as a whole decode step);
 4. the public function :func:`spectral_linear`, which checks arguments and picks the backend of
    each direction (``auto`` may run the forward and the backward on different backends).
 """
