@@ -41,7 +41,8 @@ def _time_adapt(args) -> list[float]:
         if dist.is_initialized():
             dist.barrier()
         t0 = time.perf_counter()
-        adapt(model, SpectralConfig(target_modules="all-linear", rank=args.rank, progress=False))
+        adapt(model, SpectralConfig(target_modules="all-linear", rank=args.rank, progress=False),
+              distributed=dist.is_initialized())
         if dist.is_initialized():
             dist.barrier()
         times.append(time.perf_counter() - t0)

@@ -23,6 +23,12 @@ bank path (d [n, k] and a per-sample adapter_index).
 """
 from __future__ import annotations
 
+import contextvars
+import functools
+import re
+import threading
+from typing import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -43,7 +49,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def check_rank(rank: object, in_features: int, out_features: int) -> int:
-    """rank must be an int in 1..min(in_features, out_features)."""
+    """in_features and out_features at least 1; rank an int in 1..min(in_features, out_features)."""
+    for name, size in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {size!r}: a layer without inputs or outputs has "
+                             "no spectrum to adapt (leave it out of target_modules)")
     limit = min(in_features, out_features)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
         raise ValueError(
@@ -69,6 +79,14 @@ class SpectralLinear(nn.Module):
         weight: frozen parameter ``[out, in]`` in delta form, None in pure form.
         bias: parameter ``[out]`` or None; trainable only with ``train_bias=True``.
     """
+
+    #: adapter_batch blocks open on this layer in any thread (a class default, so layers pickled
+    #: before it existed load): the forward looks up its own thread's block only while one is
+    #: open, so a compiled forward outside blocks stays traceable
+    _open_batches = 0
+    #: the block of this layer's last forward, while that forward ran in one: a forward recomputed
+    #: inside a backward (activation checkpointing) after the block closed runs with it again
+    _recorded_batch = None
 
     def __init__(
         self,
@@ -103,7 +121,6 @@ class SpectralLinear(nn.Module):
         self.coeffs = nn.Parameter(torch.full((rank,), init, **factory))
         self.coeff_bank = nn.ParameterDict()
         self.active_adapter = DEFAULT_ADAPTER
-        self._batch: _BatchAdapters | None = None
         if form == "delta":
             self.weight = nn.Parameter(torch.zeros(out_features, in_features, **factory), requires_grad=False)
         else:
@@ -179,7 +196,7 @@ class SpectralLinear(nn.Module):
     def add_adapter(self, name: str) -> None:
         """Add a coefficient set at the mode's identity c₀ (the layer computes its base there);
         frozen until :meth:`set_adapter` or an adapter batch trains it."""
-        _check_adapter_name(name)
+        check_adapter_name(name)
         if name in self.adapter_names():
             raise ValueError(f"adapter {name!r} already exists; adapters: {self.adapter_names()}")
         init = 1.0 if self.mode == "scale" else 0.0
@@ -220,9 +237,28 @@ class SpectralLinear(nn.Module):
             return self._spectrum_of(c)
         return self.s * (c - 1.0) if self.mode == "scale" else c
 
+    def __getstate__(self) -> dict:
+        # a copy or pickle of a layer is in no adapter_batch block, open or recorded
+        state = self.__dict__.copy()
+        state.pop("_open_batches", None)
+        state.pop("_recorded_batch", None)
+        return state
+
+    def current_batch(self) -> "_BatchAdapters | None":
+        """The adapter_batch block open on this layer in the calling thread (or asyncio task), or None."""
+        return _OPEN_BATCHES.get().get(id(self)) if self._open_batches else None
+
     def forward(self, x: Tensor) -> Tensor:
-        if self._batch is not None:
-            bank, index = self._batch.bank_and_index(self, x)
+        batch, recompute = self.current_batch(), False
+        if batch is None and self._recorded_batch is not None and not torch.compiler.is_compiling():
+            if torch._C._current_graph_task_id() != -1:  # inside a backward: a checkpoint's recompute
+                batch, recompute = self._recorded_batch, True
+            else:
+                self._recorded_batch = None
+        if batch is not None:
+            if self._recorded_batch is not batch:
+                self._recorded_batch = batch
+            bank, index = batch.bank_and_index(self, x, recompute=recompute)
             # the index was built from adapter names, so its rows are valid by construction: no
             # read-back of its values (a device sync per layer on a GPU)
             return spectral_linear_with_valid_index(x, self.U, bank, self.V, self.bias, self.weight, index,
@@ -266,20 +302,113 @@ class SpectralLinear(nn.Module):
         )
 
 
-def _check_adapter_name(name: object) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
+#: letters or digits, then letters, digits, '_' or '-' (no '.', which module paths use)
+_ADAPTER_NAME = re.compile(r"[^\W_][\w-]*")
+
+
+@functools.cache
+def _reserved_adapter_names() -> frozenset[str]:
+    """Attributes of the ParameterDict that stores adapters by name (it registers each name as an
+    attribute, so a name among these would shadow a method or state of the module)."""
+    return frozenset(dir(nn.ParameterDict()))
+
+
+def check_adapter_name(name: object) -> str:
+    """An adapter name: a string of letters, digits, '_' and '-' starting with a letter or digit
+    (so no '.'), and not an attribute of nn.Module / nn.ParameterDict ("to", "keys", "update",
+    "forward", "training", ...). Raises ValueError naming the rule broken."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise ValueError("an adapter name must be a non-empty string of letters, digits, '_' and '-' that starts "
+                         f"with a letter or digit (without '.' or spaces), got {name!r}")
+    if name in _reserved_adapter_names():
+        raise ValueError(f"adapter name {name!r} is reserved: it is an attribute of torch modules (nn.Module / "
+                         "nn.ParameterDict, which holds adapters by name); choose another name")
+    return name
+
+
+# --- adapter_batch state ---------------------------------------------------------------------------
+#: the adapter_batch blocks open in the current thread or asyncio task: {id(layer): batch}. A
+#: ContextVar, so a block in one thread never changes the forwards of another.
+_OPEN_BATCHES: contextvars.ContextVar[dict[int, "_BatchAdapters"]] = contextvars.ContextVar(
+    "spectral_kernels_adapter_batches", default={})  # never mutated: every change sets a new dict
+_STATE_LOCK = threading.Lock()
+
+
+def open_batch(layers: Iterable[SpectralLinear], batch: "_BatchAdapters") -> None:
+    """Make ``batch`` the block of ``layers`` in the calling thread/task."""
+    layers = list(layers)
+    with _STATE_LOCK:
+        for layer in layers:
+            layer._open_batches += 1
+    _OPEN_BATCHES.set({**_OPEN_BATCHES.get(), **{id(layer): batch for layer in layers}})
+
+
+def close_batch(layers: Iterable[SpectralLinear]) -> None:
+    """Undo :func:`open_batch` for ``layers`` in the calling thread/task."""
+    layers = list(layers)
+    ids = {id(layer) for layer in layers}
+    _OPEN_BATCHES.set({i: b for i, b in _OPEN_BATCHES.get().items() if i not in ids})
+    with _STATE_LOCK:
+        for layer in layers:
+            layer._open_batches -= 1
+
+
+class _RequiresGradHolds:
+    """Reference-counted ``requires_grad=True`` holds on parameters: the first hold records the
+    flag and sets it, the last release puts the recorded flag back. Blocks in several threads
+    and backward passes that run after a block closed share the holds without clobbering a flag."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, list] = {}  # id(param) → [param, count, flag before the first hold]
+
+    def hold(self, params: Iterable[nn.Parameter]) -> None:
+        with self._lock:
+            for p in params:
+                entry = self._held.get(id(p))
+                if entry is None:
+                    self._held[id(p)] = [p, 1, p.requires_grad]
+                    p.requires_grad_(True)
+                else:
+                    entry[1] += 1
+
+    def release(self, params: Iterable[nn.Parameter]) -> None:
+        with self._lock:
+            for p in params:
+                entry = self._held[id(p)]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._held[id(p)]
+                    p.requires_grad_(entry[2])
+
+
+#: the holds of adapter_batch blocks (and of backward passes through a block's graph)
+GRAD_HOLDS = _RequiresGradHolds()
+
+
+def _train_through_backward(params: list[nn.Parameter]):
+    """A hook for a bank stacked from ``params`` inside a block: when the backward reaches it
+    (possibly after the block closed and restored the flags), the parameters are held trainable
+    until that backward ends, so their AccumulateGrad nodes, which skip a tensor that does not
+    require grad, store the gradient wherever backward() is called."""
+    def hook(grad: Tensor) -> None:
+        GRAD_HOLDS.hold(params)
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: GRAD_HOLDS.release(params))
+    return hook
 
 
 class _BatchAdapters:
-    """One adapter name per sample of a batch (the input's first dim): builds the bank [n, k] of
-    the distinct names (in first-appearance order) and the index [batch, 1, ..., 1].
+    """One adapter name per sample of a batch: builds the bank [n, k] of the distinct names (in
+    first-appearance order) and the index, of shape [1, .., batch, .., 1] with the batch at the
+    input's ``batch_dim`` (None: the first dim, refused where another leading dim has the batch's
+    size too and the names differ, since a sequence-first input would then be indexed by position).
 
     Each layer's n coefficient parameters are looked up once per block (:meth:`coefficients_of`),
     not once per forward: at 64 adapters the lookups cost more than the bank's own arithmetic."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], batch_dim: int | None = None) -> None:
         self.names = list(names)
+        self.batch_dim = batch_dim
         self.distinct = list(dict.fromkeys(self.names))
         row = {n: i for i, n in enumerate(self.distinct)}
         self._index = torch.tensor([row[n] for n in self.names], dtype=torch.int64)
@@ -294,16 +423,50 @@ class _BatchAdapters:
             params = self._coefficients[id(layer)] = [named[n] for n in self.distinct]
         return params
 
-    def bank_and_index(self, layer: SpectralLinear, x: Tensor) -> tuple[Tensor, Tensor]:
-        if x.dim() < 2 or x.shape[0] != len(self.names):
+    def _batch_dim_of(self, x: Tensor) -> int:
+        n, lead = len(self.names), tuple(x.shape[:-1])
+        if self.batch_dim is not None:
+            if not self.batch_dim < len(lead) or lead[self.batch_dim] != n:
+                raise ValueError(
+                    f"adapter_batch was given {n} adapter names (one per sample) and batch_dim={self.batch_dim}, but a "
+                    f"layer got an input of shape {tuple(x.shape)} whose dim {self.batch_dim} is not the batch of {n} "
+                    "(batch_dim counts the input's leading dims, the last one being the features)")
+            return self.batch_dim
+        if not lead or lead[0] != n:
+            other = [i for i, size in enumerate(lead) if size == n]
+            hint = f"; if dim {other[0]} is the batch (a model that is not batch-first), pass batch_dim={other[0]}" \
+                if other else ""
             raise ValueError(
-                f"adapter_batch was given {len(self.names)} adapter names (one per sample), but a layer got "
-                f"an input of shape {tuple(x.shape)} whose first dim is not the batch of {len(self.names)}")
-        bank = layer._delta_of(torch.stack(self.coefficients_of(layer))).to(x.dtype)
+                f"adapter_batch was given {n} adapter names (one per sample), but a layer got an input of shape "
+                f"{tuple(x.shape)} whose first dim is not the batch of {n}{hint}")
+        if len(self.distinct) > 1 and n in lead[1:]:
+            dims = [i for i, size in enumerate(lead) if size == n]
+            raise ValueError(
+                f"adapter_batch: ambiguous layout: a layer got an input of shape {tuple(x.shape)} whose dims {dims} "
+                f"all have the batch size {n}, so the batch dim cannot be told from the sequence dim; pass "
+                "batch_dim= (0 for batch-first inputs [batch, seq, in], 1 for sequence-first [seq, batch, in])")
+        return 0
+
+    def bank_and_index(self, layer: SpectralLinear, x: Tensor, *, recompute: bool = False) -> tuple[Tensor, Tensor]:
+        """The bank [n, k] (in x's dtype) and the index for ``layer``'s input x. ``recompute``: the
+        forward is recomputed inside a backward after the block closed (activation checkpointing):
+        the coefficients are held trainable until that backward ends, so the recomputed graph
+        reaches them."""
+        dim = self._batch_dim_of(x)
+        params = self.coefficients_of(layer)
+        if recompute and torch.is_grad_enabled():
+            GRAD_HOLDS.hold(params)
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: GRAD_HOLDS.release(params))
+        stacked = torch.stack(params)
+        if stacked.requires_grad:
+            stacked.register_hook(_train_through_backward(params))
+        bank = layer._delta_of(stacked).to(x.dtype)
         index = self._on_device.get(x.device)
         if index is None:
             index = self._on_device[x.device] = self._index.to(x.device)
-        return bank, index.view(-1, *([1] * (x.dim() - 2)))
+        shape = [1] * (x.dim() - 1)
+        shape[dim] = -1
+        return bank, index.view(shape)
 
 
 def _top_singular_triplets(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -33,6 +33,9 @@ def check_spectral_linear_args(
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., in], got a 0-D tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x has shape {tuple(x.shape)}: its last dim (in_features) is 0; spectral_linear needs at "
+                         "least one input feature")
     check_tensor("U", U, 2)
     check_tensor("d", d)
     _check_bank(x, d, adapter_index)
@@ -123,3 +126,26 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     if len(shape) > len(target):
         return False
     return all(a == 1 or a == b for a, b in zip(reversed(shape), reversed(target)))
+
+
+def check_not_meta(**operands: object) -> None:
+    """Refuse meta tensors (a shape without data), naming the first: the op computes values."""
+    for name, t in operands.items():
+        if isinstance(t, Tensor) and t.is_meta:
+            raise ValueError(
+                f"{name} is a meta tensor (a shape without data, e.g. from a model built under device='meta' or "
+                "init_empty_weights); spectral_linear needs real tensors: materialise the model first "
+                "(model.to_empty(device=...) and load its weights)")
+
+
+def check_triton_interpreter_dtype(x: Tensor, backends: tuple[str, ...]) -> None:
+    """The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) computes bfloat16 wrongly (numpy has
+    no bfloat16): refuse it rather than return garbage."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or "triton" not in backends:
+        return
+    from spectral_kernels.backends import triton_interpret_enabled
+
+    if triton_interpret_enabled():
+        raise TypeError("backend 'triton' under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) does not "
+                        "compute bfloat16 correctly; use float32 or float16 there, or backend='torch' for bfloat16 "
+                        "on the CPU")

@@ -10,21 +10,29 @@ Layers, in reading order:
    ``spectral_linear_cuda.py``;
 2. the custom ops ``spectral_kernels::spectral_linear`` (returns y and z = x·V) and
    ``spectral_kernels::spectral_linear_backward``, each with a fake for torch.compile;
-3. the autograd registration (saves z, not x, when U and V are frozen), shared by the custom op
-   and by :class:`_SpectralLinearFunction`, the same op as a plain autograd.Function that eager
-   calls take (the custom-op dispatcher costs tens of µs a call, as much as a whole decode step);
+3. the autograd registration (saves z, not x, when U and V are frozen; a backward under
+   ``create_graph=True`` runs as differentiable torch ops, so second derivatives are exact),
+   shared by the custom op and by :class:`_SpectralLinearFunction`, the same op as a plain
+   autograd.Function that eager calls take (the custom-op dispatcher costs tens of µs a call, as
+   much as a whole decode step);
 4. the public function :func:`spectral_linear`, which checks arguments and picks the backend of
    each direction (``auto`` may run the forward and the backward on different backends).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from spectral_kernels.backends import resolve_backend
-from spectral_kernels.ops._checks import check_adapter_index_values, check_spectral_linear_args
+from spectral_kernels.ops._checks import (
+    check_adapter_index_values,
+    check_not_meta,
+    check_spectral_linear_args,
+    check_triton_interpreter_dtype,
+)
 from spectral_kernels.ops.reference import (
     lowrank_coeff_grad_ref,
     spectral_linear_bwd_ref,
@@ -67,9 +75,39 @@ def _flat_index(adapter_index: Optional[Tensor], lead) -> Optional[Tensor]:
 def _forward(x, U, d, V, bias, weight, adapter_index, backend):
     fwd, _ = _implementations(backend)
     idx = _flat_index(adapter_index, x.shape[:-1])
-    y, z = fwd(_flat(x), U, d, V, bias, weight, idx) if idx is not None else fwd(_flat(x), U, d, V, bias, weight)
+    x2d = _flat(x)
+    y, z = fwd(x2d, U, d, V, bias, weight, idx) if idx is not None else fwd(x2d, U, d, V, bias, weight)
+    if x.device.type == "cpu":
+        y = _dense_rows_where_not_finite(x2d, U, d, V, bias, weight, idx, y, z)
     lead = x.shape[:-1]
     return y.reshape(*lead, U.shape[0]), z.reshape(*lead, V.shape[1])
+
+
+def _dense_rows_where_not_finite(x2d, U, d, V, bias, weight, idx, y, z):
+    """y with the rows whose z = x·V is not finite recomputed as F.linear on the merged weight
+    W' = weight + (U ⊙ d)·Vᵀ (U·diag(d)·Vᵀ in pure form), so an Inf in x gives the ±Inf that
+    F.linear on W' gives. The low-rank chain would multiply the Inf through z, d and Uᵀ and mix
+    signs into NaN. CPU only: on a GPU the test would cost a device sync per call. A row whose Inf
+    sits where V is zero keeps a finite z; there W' equals weight, so the chain agrees anyway."""
+    if z.numel() == 0 or math.isfinite(float(z.sum())):  # one cheap reduction on the common path
+        return y
+    rows = (~torch.isfinite(z).all(-1)).nonzero().squeeze(1)
+    if not rows.numel():  # the sum overflowed, every z finite
+        return y
+    y = y.clone()
+    for row_d, sel in _rows_by_coefficients(d, idx, rows):
+        Ud = U * row_d
+        merged = Ud @ V.t() if weight is None else torch.addmm(weight, Ud, V.t())
+        y[sel] = torch.nn.functional.linear(x2d[sel], merged, bias).to(y.dtype)
+    return y
+
+
+def _rows_by_coefficients(d, idx, rows):
+    """(d [k], the rows that use it): d itself, or each bank row picked by ``rows``."""
+    if idx is None:
+        return [(d, rows)]
+    picked = idx[rows]
+    return [(d[i], rows[picked == i]) for i in picked.unique().tolist()]
 
 
 def _backward_dx(dy, z, U, d, V, weight, adapter_index, backend):
@@ -128,7 +166,9 @@ def _(dy, z, U, d, V, weight, adapter_index, backend):
 
 # --- 3. autograd ---------------------------------------------------------------------------------
 def _save(ctx, x, U, d, V, weight, adapter_index, z, backward_backend, needs_input_grad):
-    ctx.mark_non_differentiable(z)
+    # z stays differentiable (its gradient is dz·Vᵀ into dx, xᵀ·dz into dV): a double backward
+    # differentiates dd = Σ z ⊙ g through the saved z back to x. Unused, its gradient is None.
+    ctx.set_materialize_grads(False)
     if needs_input_grad[5]:
         raise RuntimeError("spectral_linear: weight is frozen; call weight.requires_grad_(False)")
     # x itself is kept only for dV; otherwise z (T×k) is the only activation saved.
@@ -141,8 +181,14 @@ def _setup_context(ctx, inputs, output):
     _save(ctx, x, U, d, V, weight, adapter_index, output[1], backward_backend, ctx.needs_input_grad)
 
 
-def _gradients(ctx, dy, backward_op):
-    """(dx, dU, dd, dV, dbias) from the saved tensors; backward_op computes (dx, dd, g)."""
+def _gradients(ctx, dy, dz, backward_op):
+    """(dx, dU, dd, dV, dbias) from the saved tensors; backward_op computes (dx, dd, g).
+
+    When a graph is built through the backward (``create_graph=True``: grad mode is on inside it)
+    or z's gradient is given (the second pass of a double backward), the gradients are written
+    with differentiable torch ops instead (:func:`_differentiable_gradients`), on every backend."""
+    if dz is not None or dy is None or torch.is_grad_enabled():
+        return _differentiable_gradients(ctx, dy, dz)
     x, z, U, d, V, weight, adapter_index = ctx.saved_tensors
     needs_x, needs_U, needs_d, needs_V, needs_bias = ctx.needs_input_grad[:5]
     dx = dd = g = None
@@ -170,6 +216,44 @@ def _gradients(ctx, dy, backward_op):
     return dx, dU, dd if needs_d else None, dV, db
 
 
+def _differentiable_gradients(ctx, dy, dz):
+    """The backward of the docstring of :func:`spectral_linear` as a chain of differentiable torch
+    ops, plus z's gradient dz (z = x·V: dx += dz·Vᵀ, dV += xᵀ·dz). Second derivatives flow
+    through dy, U, d, V, weight and, through the saved z (an output of this op), back to x."""
+    if dy is None and dz is None:
+        return None, None, None, None, None
+    x, z, U, d, V, weight, adapter_index = ctx.saved_tensors
+    needs_x, needs_U, needs_d, needs_V, needs_bias = ctx.needs_input_grad[:5]
+    lead = (dy if dy is not None else dz).shape[:-1]
+    idx = _flat_index(adapter_index, lead)
+    dt = d[idx] if idx is not None else d
+    dx = dU = dd = dV = db = None
+    if dy is not None:
+        dy2, z2 = _flat(dy), _flat(z)
+        g = dy2 @ U
+        if needs_x:
+            dx = (g * dt) @ V.t()
+            if weight is not None:
+                dx = dx + dy2 @ weight
+        if needs_d:
+            dd = lowrank_coeff_grad_ref(z2, g, idx, d.shape[0] if idx is not None else None).to(d.dtype)
+        if needs_U:
+            dU = dy2.t() @ (z2 * dt)
+        if needs_V:
+            dV = _flat(x).t() @ (g * dt)
+        if needs_bias:
+            db = dy2.sum(0)
+    if dz is not None:
+        dz2 = _flat(dz)
+        if needs_x:
+            dx = dz2 @ V.t() if dx is None else dx + dz2 @ V.t()
+        if needs_V:
+            dV = _flat(x).t() @ dz2 if dV is None else dV + _flat(x).t() @ dz2
+    if dx is not None:
+        dx = dx.reshape(*lead, V.shape[0])
+    return dx, dU, dd, dV, db
+
+
 def _coeff_grad(backend: str, z: Tensor, g: Tensor, idx: Optional[Tensor], d: Tensor) -> Tensor:
     """dd alone (x needs no gradient). A bank on the cuda backend takes its deterministic
     per-adapter reduction: torch's index_add_ uses atomics on CUDA."""
@@ -180,8 +264,8 @@ def _coeff_grad(backend: str, z: Tensor, g: Tensor, idx: Optional[Tensor], d: Te
     return lowrank_coeff_grad_ref(z, g, idx, d.shape[0] if idx is not None else None)
 
 
-def _backward(ctx, dy, _dz):
-    return (*_gradients(ctx, dy, _spectral_linear_backward_op), None, None, None, None)
+def _backward(ctx, dy, dz):
+    return (*_gradients(ctx, dy, dz, _spectral_linear_backward_op), None, None, None, None)
 
 
 _spectral_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -198,8 +282,8 @@ class _SpectralLinearFunction(torch.autograd.Function):
         return y, z
 
     @staticmethod
-    def backward(ctx, dy, _dz):
-        return (*_gradients(ctx, dy, _backward_dx), None, None, None, None)
+    def backward(ctx, dy, dz):
+        return (*_gradients(ctx, dy, dz, _backward_dx), None, None, None, None)
 
 
 # --- 4. public function ---------------------------------------------------------------------------
@@ -249,7 +333,16 @@ def spectral_linear(
         dV    = xᵀ·(g ⊙ d)           (only when V requires grad; x is then saved too)
 
     With U and V frozen the only activation saved is z (T×k values), and no dense dW is formed;
-    weight must not require grad.
+    weight must not require grad. Second derivatives (``create_graph=True``, gradgradcheck) are
+    exact on every backend: a backward that builds a graph runs these formulas as differentiable
+    torch ops, and z's own gradient (dx += dz·Vᵀ, dV += xᵀ·dz) carries them back to x.
+
+    Non-finite inputs (CPU tensors, every backend): a token whose z = x·V is not finite (an Inf or
+    NaN in x) is computed as ``F.linear(x, weight + U·diag(d)·Vᵀ, bias)``, so it gets the ±Inf
+    F.linear gives on the merged weight where the low-rank chain would mix signs into NaN (on a
+    GPU that test would cost a device sync per call and is not made). Refused: a meta x, x with
+    0 features, and bfloat16 on the triton backend under the Triton interpreter (it computes
+    bfloat16 wrongly there).
 
     With a bank, every d above reads the token's row d[idx_t], and the bank's gradient is the
     scatter-add ``dd[i] = Σ_{t: idx_t = i} z_t ⊙ g_t`` ([n, k]; rows no token picked are exactly
@@ -273,6 +366,7 @@ def spectral_linear_with_valid_index(
 
 
 def _spectral_linear(x, U, d, V, bias, weight, adapter_index, backend, *, check_index_values: bool) -> Tensor:
+    check_not_meta(x=x)  # the other operands then fail the one-device check, which names them
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
     if torch.is_autocast_enabled(device_type):
         # As F.linear under autocast: every operand in the autocast dtype. The op then runs with
@@ -296,6 +390,7 @@ def _spectral_linear(x, U, d, V, bias, weight, adapter_index, backend, *, check_
     extra = {"bank": True} if bank else {}
     forward_backend = resolve_backend(backend, x.device, x.dtype, shape, "forward", delta, **extra)
     backward_backend = resolve_backend(backend, x.device, x.dtype, shape, "backward", delta, **extra)
+    check_triton_interpreter_dtype(x, (forward_backend, backward_backend))
     args = (x, U, d, V, bias, weight, adapter_index, forward_backend, backward_backend)
     if compiling:
         y, _ = _spectral_linear_op(*args)

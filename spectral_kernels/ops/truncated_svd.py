@@ -538,7 +538,10 @@ def batched_truncated_svd(
             drawn once per shape from ``generator``, so results do not depend on the grouping.
         cache_dir: directory of the on-disk cache (default: the SPECTRAL_KERNELS_SVD_CACHE
             environment variable, else no cache). Entries are keyed by a sha256 of the weight and
-            of the options; hits are loaded instead of computed.
+            of the options; hits are loaded instead of computed, after the checks of
+            :func:`spectral_kernels.ops.svd_cache.check_entry` (an entry that fails one is
+            recomputed with a RuntimeWarning naming it). A directory that cannot be written is
+            skipped with a RuntimeWarning.
         progress: show a tqdm bar over the matrices (default: when stderr is a terminal).
 
     Returns:
@@ -582,7 +585,7 @@ def batched_truncated_svd(
     try:
         for key, A in items:
             ckey = svd_cache.cache_key(A, key_opts) if cache_dir is not None else None
-            hit = svd_cache.load(cache_dir, ckey, A.device) if ckey is not None else None
+            hit = svd_cache.load(cache_dir, ckey, A, k) if ckey is not None else None
             if hit is not None:
                 results[key] = SVDResult(*hit)
                 bar.update(1)
@@ -597,8 +600,14 @@ def batched_truncated_svd(
                 for i, (key, _, ckey) in enumerate(members):
                     res = SVDResult(U[i], S[i], V[i])
                     results[key] = res
-                    if ckey is not None:
-                        svd_cache.store(cache_dir, ckey, *res)
+                    if ckey is not None and cache_dir is not None:
+                        try:
+                            svd_cache.store(cache_dir, ckey, *res)
+                        except OSError as exc:  # a cache that cannot be written must not stop the work
+                            warnings.warn(f"batched_truncated_svd: cannot write the SVD cache {cache_dir} "
+                                          f"({type(exc).__name__}: {exc}); continuing without caching",
+                                          RuntimeWarning, stacklevel=2)
+                            cache_dir = None
                 bar.update(len(members))
                 del X, U, S, V
     finally:

@@ -1,12 +1,17 @@
-"""adapt()'s SVDs split across the ranks of an initialised process group.
+"""adapt()'s SVDs split across the ranks of an initialised process group, on request.
 
-Under ``torch.distributed`` with world size N > 1, every rank runs adapt() on the same model; the
+The split is opt-in: ``adapt(model, config, distributed=True)``, or ``SPECTRAL_KERNELS_SVD_DISTRIBUTED=1``
+for calls that do not pass ``distributed`` (``sk.from_pretrained``, ``sk.load_adapter``). It uses
+collectives, so every rank must then make the same call; without the opt-in (the default) each
+rank computes its own SVDs and a call made on one rank only (reload and evaluate on rank 0 after a
+DDP job) never waits on the others.
+
+With the split on and world size N > 1, every rank runs adapt() on the same model; the
 matrices are assigned to ranks by a deterministic greedy balance of their cost m·n·k (every rank
 computes the same assignment from the same names and shapes), each rank decomposes only its own
 share (one batched call, so same-shape matrices still run as one batch), and each result is then
 broadcast from its owner. Every matrix is decomposed once and every rank ends with bit-identical
 factors. Ranks holding different models (other names or shapes) are refused before any work.
-``SPECTRAL_KERNELS_SVD_DISTRIBUTED=0`` turns the split off (each rank then decomposes everything).
 The factors live on each weight's device, which must suit the group's backend (CPU for gloo, the
 current CUDA device for NCCL).
 """
@@ -23,13 +28,36 @@ ENV_VAR = "SPECTRAL_KERNELS_SVD_DISTRIBUTED"
 Factors = tuple[Tensor, Tensor, Tensor]
 
 
-def split_across_ranks() -> bool:
-    """Whether adapt() should split its SVDs: an initialised group of several ranks, not opted out."""
-    if os.environ.get(ENV_VAR, "1").strip() in ("0", "false", "no", "off"):
-        return False
+_ON = ("1", "true", "yes", "on")
+_OFF = ("", "0", "false", "no", "off")
+
+
+def split_across_ranks(distributed: bool | None = None) -> bool:
+    """Whether adapt() splits its SVDs across ranks.
+
+    ``distributed``: True (split; needs an initialised process group), False (never), None (the
+    environment variable ``SPECTRAL_KERNELS_SVD_DISTRIBUTED``: "1" splits when a group of several
+    ranks is initialised; unset or "0": no split). Never a collective without an explicit opt-in.
+
+    Raises:
+        ValueError: ``distributed=True`` without an initialised process group, or an unreadable
+            value of the environment variable.
+    """
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        value = os.environ.get(ENV_VAR, "").strip().lower()
+        if value not in _ON + _OFF:
+            raise ValueError(f"{ENV_VAR} must be 1 (split adapt()'s SVDs across ranks) or 0 (each rank computes "
+                             f"its own), got {value!r}")
+        return value in _ON and initialised and dist.get_world_size() > 1
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
+    if distributed and not initialised:
+        raise ValueError("adapt(distributed=True) needs an initialised torch.distributed process group "
+                         "(call torch.distributed.init_process_group first), or pass distributed=False")
+    return distributed and dist.get_world_size() > 1
 
 
 def assign(shapes: dict[str, tuple[int, int]], k: int, world: int) -> dict[str, int]:
@@ -59,7 +87,7 @@ def distributed_svd(mats: dict[str, Tensor], k: int,
         if other != layout:
             diff = next((f"{a} vs {b}" for a, b in zip(layout, other) if a != b), f"{len(layout)} vs {len(other)} layers")
             raise ValueError(f"adapt: rank {rank} and rank {r} hold different models ({diff}); every rank must "
-                             f"adapt the same model (or set {ENV_VAR}=0)")
+                             f"adapt the same model (or let each rank compute its own: distributed=False)")
     owner = assign(shapes, k, world)
     mine = svd({n: mats[n] for n in mats if owner[n] == rank})
     meta = {n: (str(f[0].dtype), str(f[1].dtype)) for n, f in mine.items()}

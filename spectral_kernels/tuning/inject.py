@@ -106,6 +106,18 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+#: attribute of a merged model: {name: the SpectralLinear that merge_adapter replaced}
+MERGED_ATTR = "_spectral_merged"
+
+
+def no_adapter_hint(model: nn.Module) -> str:
+    """What to do about a model without spectral layers: unmerge it when merge_adapter merged
+    them into dense layers, else adapt it."""
+    if getattr(unwrap(model), MERGED_ATTR, None):
+        return "its adapter is merged into dense layers (merge_adapter); call unmerge(model) first"
+    return "call adapt(model, config) first"
+
+
 def spectral_layers(model: nn.Module) -> dict[str, SpectralLinear]:
     """Every SpectralLinear (SpecLoRALinear included) in the model, by qualified name."""
     return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, SpectralLinear)}
@@ -183,6 +195,7 @@ def adapt(
     *,
     factors: Mapping[str, Factors] | None = None,
     verbose: bool = False,
+    distributed: bool | None = None,
 ) -> nn.Module:
     """Replace ``model``'s target layers in place by spectral layers; freeze everything else.
 
@@ -194,6 +207,11 @@ def adapt(
         verbose: also print the report (what was replaced and the trainable parameter count).
             Quiet by default: the report is on ``model.spectral_report`` and goes to the
             ``spectral_kernels`` logger (one INFO line, a DEBUG line per layer).
+        distributed: split the SVDs across the ranks of the initialised process group (each
+            matrix decomposed by one rank, the factors broadcast; every rank must then call adapt
+            on the same model). False: this rank computes every SVD itself and talks to no other
+            rank. None (default): ``SPECTRAL_KERNELS_SVD_DISTRIBUTED=1`` in the environment opts
+            in, otherwise False. See docs/distributed.md.
 
     Returns:
         ``model`` itself, with ``model.spectral_config = config`` and ``model.spectral_report``
@@ -210,6 +228,9 @@ def adapt(
     for name, module in targets.items():
         _check_quantized_config(name, module, config)
         out_f, in_f = base_shape(module)
+        if min(in_f, out_f) < 1:
+            raise ValueError(f"layer {name!r} ({type(module).__name__} {in_f}→{out_f}) has no inputs or outputs, so no "
+                             "spectrum to adapt; leave it out of target_modules")
         k = config.rank_for(in_f, out_f)
         if k > min(in_f, out_f):
             raise ValueError(f"rank {k} is too large for layer {name!r} ({type(module).__name__} {in_f}→{out_f}): "
@@ -222,7 +243,7 @@ def adapt(
             raise ValueError(f"modules_to_save: module {keep!r} contains the target {inside[0]!r}; a module is "
                              "either adapted or kept trainable, not both")
 
-    svd = _factors(targets, ranks, config, factors or {})
+    svd = _factors(targets, ranks, config, factors or {}, split_across_ranks(distributed))
     report = AdaptReport()
     for name, module in targets.items():
         layer = _build(module, ranks[name], svd[name], config)
@@ -290,7 +311,7 @@ def _check_quantized_config(name: str, module: nn.Module, config: SpectralConfig
 
 
 def _factors(targets: dict[str, nn.Module], ranks: dict[str, int], config: SpectralConfig,
-             given: Mapping[str, Factors]) -> dict[str, Factors]:
+             given: Mapping[str, Factors], split: bool = False) -> dict[str, Factors]:
     """Top-k factors of every target: given ones, else batched_truncated_svd per distinct k.
 
     Quantized targets are dequantized to float32 :data:`QUANT_SVD_CHUNK` layers at a time, each
@@ -306,22 +327,25 @@ def _factors(targets: dict[str, nn.Module], ranks: dict[str, int], config: Spect
         else:
             by_k.setdefault(ranks[name], {})[name] = base_weight(module).detach()
     for k, mats in by_k.items():
-        out.update(_batched_svd(mats, k, config))
+        out.update(_batched_svd(mats, k, config, split))
     if quant_by_k:
         from spectral_kernels.tuning.quantized import dequantize
 
         for k, names in quant_by_k.items():
             for i in range(0, len(names), QUANT_SVD_CHUNK):
                 chunk = {n: dequantize(targets[n]) for n in names[i:i + QUANT_SVD_CHUNK]}
-                out.update(_batched_svd(chunk, k, config))
+                out.update(_batched_svd(chunk, k, config, split))
                 del chunk
     return out
 
 
-def _batched_svd(mats: dict[str, Tensor], k: int, config: SpectralConfig) -> dict[str, Factors]:
+def _batched_svd(mats: dict[str, Tensor], k: int, config: SpectralConfig, split: bool = False) -> dict[str, Factors]:
     from spectral_kernels.ops.truncated_svd import batched_truncated_svd
 
     for name, W in mats.items():
+        if W.is_meta:
+            raise ValueError(f"layer {name!r}: its weight is a meta tensor (a shape without data, e.g. a model built "
+                             "under device='meta' or init_empty_weights); load or materialise the weights before adapt")
         if not torch.isfinite(W).all():
             raise ValueError(f"layer {name!r}: its weight holds NaN or Inf; cannot take its SVD")
 
@@ -335,7 +359,7 @@ def _batched_svd(mats: dict[str, Tensor], k: int, config: SpectralConfig) -> dic
         )
         return {n: (r.U, r.S, r.V) for n, r in res.items()}
 
-    if split_across_ranks():  # each matrix decomposed on one rank, factors broadcast
+    if split:  # each matrix decomposed on one rank, factors broadcast (opted in by the caller)
         return distributed_svd(mats, k, svd)
     return svd(mats)
 

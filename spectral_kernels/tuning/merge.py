@@ -4,7 +4,9 @@
 replaced: an nn.Linear with weight W' = W + U·diag(d)·Vᵀ (+ (α/r)·B·A in "speclora" mode), or a
 transformers Conv1D holding W'ᵀ [in, out]. The spectral layers are kept aside on the model, so
 ``unmerge`` puts them back (coefficients and all) to continue training. ``unload`` returns the
-pretrained base instead: W itself (delta form) or U·diag(s)·Vᵀ (pure form).
+pretrained base instead: W itself (delta form) or U·diag(s)·Vᵀ (pure form). ``unmerge`` keeps a
+bias trained while merged (copied back into the spectral layers) and refuses, changing nothing,
+when a merged weight was changed (the adapter could not hold that change).
 
 Quantized bases (:class:`QuantizedSpectralLinear`): ``merge_adapter`` dequantizes the base (Ŵ, float32),
 adds ΔW = U·diag(d)·Vᵀ and re-quantizes Ŵ + ΔW into a new layer of the base's type and settings
@@ -19,12 +21,19 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from spectral_kernels.tuning.inject import SOURCE_ATTR, _set_submodule, conv1d_type, spectral_layers, unwrap
+from spectral_kernels.tuning.inject import (
+    MERGED_ATTR,
+    SOURCE_ATTR,
+    _set_submodule,
+    conv1d_type,
+    spectral_layers,
+    unwrap,
+)
 from spectral_kernels.nn.quantized import QuantizedSpectralLinear
 from spectral_kernels.nn.spectral_linear import SpectralLinear
 
-#: attribute of a merged model: {name: the SpectralLinear that merge_adapter replaced}
-MERGED_ATTR = "_spectral_merged"
+#: attribute of a merged model: {name: the adapter merge_adapter merged into that layer}
+MERGED_ADAPTER_ATTR = "_spectral_merged_adapter"
 
 
 @torch.no_grad()
@@ -68,6 +77,7 @@ def merge_adapter(model: nn.Module, *, adapter: str | None = None) -> nn.Module:
     if not layers:
         raise ValueError("merge_adapter: the model has no spectral layer to merge")
     stash = getattr(m, MERGED_ATTR, None) or {}
+    merged_adapter = getattr(m, MERGED_ADAPTER_ATTR, None) or {}
     lossy: dict[str, tuple[str, float, float]] = {}
     for name, layer in layers.items():
         if isinstance(layer, QuantizedSpectralLinear):
@@ -77,7 +87,9 @@ def merge_adapter(model: nn.Module, *, adapter: str | None = None) -> nn.Module:
         else:
             _set_submodule(m, name, dense_layer(layer, layer.merged_weight(adapter)))
         stash[name] = layer
+        merged_adapter[name] = adapter
     setattr(m, MERGED_ATTR, stash)
+    setattr(m, MERGED_ADAPTER_ATTR, merged_adapter)
     if lossy:
         worst = max(lossy, key=lambda n: lossy[n][1])
         kinds = sorted({k for k, _, _ in lossy.values()})
@@ -111,23 +123,48 @@ def merge_quantized(layer: QuantizedSpectralLinear, adapter: str | None = None) 
     return merged, err.item(), rel.item()
 
 
+@torch.no_grad()
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_adapter`: put the spectral layers back (moved to the merged layers' device).
 
+    Nothing trained while merged is dropped: each dense layer's bias (trained or edited while
+    merged) is copied into the spectral layer it goes back to. A dense weight changed while merged
+    cannot be expressed by the adapter, so unmerge refuses (before changing any layer) when a
+    merged weight no longer equals W + U·diag(d)·Vᵀ of its layer.
+
     Raises:
-        ValueError: the model was not merged by merge_adapter.
+        ValueError: the model was not merged by merge_adapter, or a merged weight was changed.
     """
     m = unwrap(model)
     stash = getattr(m, MERGED_ATTR, None)
     if not stash:
         raise ValueError("unmerge: the model holds no merged adapter (merge_adapter was not called on it)")
+    adapters = getattr(m, MERGED_ADAPTER_ATTR, None) or {}
+    dense_layers = {name: m.get_submodule(name) for name in stash}
+    for name, layer in stash.items():  # every check first: a refusal leaves the model merged, untouched
+        if not isinstance(layer, QuantizedSpectralLinear):
+            _check_weight_unchanged(name, layer, dense_layers[name], adapters.get(name))
     for name, layer in stash.items():
-        dense = m.get_submodule(name)
+        dense = dense_layers[name]
         if not isinstance(layer, QuantizedSpectralLinear):
             layer = layer.to(device=dense.weight.device)
+            if layer.bias is not None and dense.bias is not None and not torch.equal(
+                    dense.bias, layer.bias.to(dense.bias.dtype)):  # changed while merged: keep it
+                layer.bias.copy_(dense.bias)
         _set_submodule(m, name, layer)
     setattr(m, MERGED_ATTR, {})
+    setattr(m, MERGED_ADAPTER_ATTR, {})
     return model
+
+
+def _check_weight_unchanged(name: str, layer: SpectralLinear, dense: nn.Module, adapter: str | None) -> None:
+    weight = dense.weight.t() if getattr(layer, SOURCE_ATTR, "linear") == "conv1d" else dense.weight
+    want = layer.merged_weight(adapter).to(device=weight.device, dtype=weight.dtype)
+    if not torch.equal(weight, want):
+        raise ValueError(
+            f"unmerge: the merged weight of layer {name!r} was changed after merge_adapter (it no longer equals "
+            "W + U·diag(d)·Vᵀ of the adapter), and the adapter cannot hold that change: unmerge would lose it. "
+            "Keep the merged model (save it as a full checkpoint), or put the merged weight back first")
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from torch import nn
 
 from spectral_kernels.nn.speclora import SpecLoRALinear
 from spectral_kernels.tuning.banks import adapter_parameters
-from spectral_kernels.tuning.inject import spectral_layers, unwrap
+from spectral_kernels.tuning.inject import no_adapter_hint, spectral_layers, unwrap
 
 __all__ = ["param_groups"]
 
@@ -75,7 +75,7 @@ def param_groups(
     coeff_weight_decay = _number("coeff_weight_decay", coeff_weight_decay, zero_ok=True)
     layers = spectral_layers(unwrap(model))
     if not layers:
-        raise ValueError("param_groups: the model has no spectral layer; call adapt(model, config) first")
+        raise ValueError(f"param_groups: the model has no spectral layer; {no_adapter_hint(model)}")
     coeffs = adapter_parameters(model)
     lora = [p for layer in layers.values() if isinstance(layer, SpecLoRALinear)
             for p in (layer.lora_A, layer.lora_B) if p.requires_grad]

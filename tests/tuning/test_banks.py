@@ -253,7 +253,7 @@ def test_failed_block_setup_restores_every_layer(monkeypatch):
     with pytest.raises(KeyError, match="lookup failed"):
         with sk.adapter_batch(model, ["a", "b"]):
             pass
-    assert all(layer._batch is None for layer in spectral_layers(model).values())
+    assert all(layer.current_batch() is None and not layer._open_batches for layer in spectral_layers(model).values())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 

@@ -1,5 +1,7 @@
-"""adapt() under an initialised process group: each matrix decomposed on one rank, factors broadcast,
-every rank bit-identical (2 gloo ranks on CPU); different models on the ranks are refused."""
+"""adapt() under an initialised process group: with the opt-in (distributed=True, or the environment
+variable) each matrix is decomposed on one rank, factors broadcast, every rank bit-identical (2 gloo
+ranks on CPU); different models on the ranks are refused. Without it a call on one rank only never
+waits on the others."""
 import os
 import tempfile
 
@@ -15,7 +17,7 @@ from tests.tuning.test_ddp import WORLD, _free_port
 CFG = dict(target_modules="all-linear", rank=2, progress=False)
 
 
-def _worker(rank: int, port: int, out_dir: str, same_model: bool) -> None:
+def _worker(rank: int, port: int, out_dir: str, same_model: bool, opt_in: str = "argument") -> None:
     import spectral_kernels.ops.truncated_svd as tsvd
     from tests.tuning.models import tiny_bert
 
@@ -33,7 +35,11 @@ def _worker(rank: int, port: int, out_dir: str, same_model: bool) -> None:
     try:
         model = tiny_bert(num_labels=2 if same_model or rank == 0 else 3)
         try:
-            adapt(model, SpectralConfig(**CFG))
+            if opt_in == "argument":
+                adapt(model, SpectralConfig(**CFG), distributed=True)
+            else:  # the environment variable, for calls that do not pass distributed=
+                os.environ["SPECTRAL_KERNELS_SVD_DISTRIBUTED"] = "1"
+                adapt(model, SpectralConfig(**CFG))
         except ValueError as exc:
             torch.save({"error": str(exc)}, os.path.join(out_dir, f"rank{rank}.pt"))
             return
@@ -43,9 +49,9 @@ def _worker(rank: int, port: int, out_dir: str, same_model: bool) -> None:
         dist.destroy_process_group()
 
 
-def _run(same_model: bool):
+def _run(same_model: bool, opt_in: str = "argument"):
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(_free_port(), out_dir, same_model), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(_free_port(), out_dir, same_model, opt_in), nprocs=WORLD, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 
@@ -54,10 +60,11 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 @needs_gloo
-def test_each_matrix_once_and_bit_identical_factors():
+@pytest.mark.parametrize("opt_in", ["argument", "environment"])
+def test_each_matrix_once_and_bit_identical_factors(opt_in):
     from tests.tuning.models import tiny_bert
 
-    results = _run(same_model=True)
+    results = _run(same_model=True, opt_in=opt_in)
     shares = [set(r["decomposed"]) for r in results]
     assert shares[0] and shares[1] and not shares[0] & shares[1]  # split, each matrix once
     assert shares[0] | shares[1] == set(results[0]["factors"])
@@ -84,3 +91,57 @@ def test_assignment_is_balanced_and_deterministic():
     assert owner == assign(dict(reversed(list(shapes.items()))), 4, 2)
     load = [sum(shapes[n][0] * shapes[n][1] for n in shapes if owner[n] == r) for r in range(2)]
     assert max(load) - min(load) <= 64 * 64 * 3
+
+
+def _rank0_only_worker(rank: int, port: int, folder: str, out_dir: str) -> None:
+    """Rank 0 alone reloads the adapter (as after a DDP job) while rank 1 already waits in a barrier."""
+    import datetime
+
+    import spectral_kernels as sk
+    from tests.tuning.models import tiny_bert, tokens
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("SPECTRAL_KERNELS_SVD_DISTRIBUTED", None)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        if rank == 0:
+            model = sk.from_pretrained(tiny_bert(), folder)
+            with torch.no_grad():
+                torch.save(model(tokens()).logits, os.path.join(out_dir, "logits.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_gloo
+def test_a_load_on_one_rank_does_not_wait_on_the_others(tmp_path):
+    import time
+
+    import spectral_kernels as sk
+    from tests.tuning.models import tiny_bert, tokens
+
+    model = adapt(tiny_bert(), SpectralConfig(**CFG))
+    with torch.no_grad():
+        for layer in spectral_layers(model).values():
+            layer.coeffs.add_(0.1)
+        want = model(tokens()).logits
+    sk.save_pretrained(model, tmp_path / "run")
+    start = time.monotonic()
+    mp.spawn(_rank0_only_worker, args=(_free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=WORLD, join=True)
+    assert time.monotonic() - start < 60  # a collective on rank 0 alone would have waited out the timeout
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_split_is_opt_in(monkeypatch):
+    from spectral_kernels.tuning.distributed import ENV_VAR, split_across_ranks
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert not split_across_ranks() and not split_across_ranks(False)
+    with pytest.raises(ValueError, match="init_process_group"):
+        split_across_ranks(True)  # no process group here
+    monkeypatch.setenv(ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        split_across_ranks()
+    with pytest.raises(ValueError, match="init_process_group"):
+        adapt(torch.nn.Sequential(torch.nn.Linear(4, 4)), SpectralConfig(**CFG), distributed=True)

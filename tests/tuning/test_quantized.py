@@ -276,7 +276,7 @@ def test_svd_of_many_quantized_layers_runs_in_chunks(monkeypatch):
     calls = []
     real = inject._batched_svd
     monkeypatch.setattr(inject, "QUANT_SVD_CHUNK", 1)
-    monkeypatch.setattr(inject, "_batched_svd", lambda mats, k, cfg: calls.append(len(mats)) or real(mats, k, cfg))
+    monkeypatch.setattr(inject, "_batched_svd", lambda mats, k, cfg, *rest: calls.append(len(mats)) or real(mats, k, cfg, *rest))
     model = quantized_net("bnb-nf4")
     x = _x()
     with torch.no_grad():
