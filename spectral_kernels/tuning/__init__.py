@@ -6,7 +6,8 @@
 
 Modules, bottom to top: ``config`` (SpectralConfig), ``fingerprints`` (base-weight fingerprints),
 ``inject`` (adapt), ``banks`` (named adapters, mixed-task batches), ``adapter_io`` (single-file
-adapters), ``merge``, ``optimizer`` (parameter groups), ``folder`` (adapter folders, transformers' save_pretrained and Trainer).
+adapters), ``merge``, ``optimizer`` (parameter groups), ``folder`` (adapter folders, transformers' save_pretrained and Trainer),
+``peft_names`` (peft's method names on the adapted model: merge_and_unload, print_trainable_parameters).
 """
 from spectral_kernels.tuning.adapter_io import (
     AdapterInfo,
@@ -38,6 +39,7 @@ from spectral_kernels.tuning.inject import (
 )
 from spectral_kernels.tuning.merge import merge_adapter, unload, unmerge
 from spectral_kernels.tuning.optimizer import param_groups
+from spectral_kernels.tuning.peft_names import get_nb_trainable_parameters, merge_and_unload
 
 __all__ = [
     "AdaptReport",
@@ -57,7 +59,9 @@ __all__ = [
     "from_pretrained",
     "list_adapters",
     "load_adapter",
+    "get_nb_trainable_parameters",
     "merge_adapter",
+    "merge_and_unload",
     "param_groups",
     "print_trainable_parameters",
     "read_adapter",
