@@ -83,3 +83,64 @@ def test_failing_nvidia_smi_counts_as_no_gpu(setup_py, tmp_path):
     ns, _ = setup_py(None)
     _tool(tmp_path / "bin", "nvidia-smi", "echo 'NVIDIA-SMI has failed' >&2; exit 9")
     assert ns["gpu_archs"]() is None
+
+
+# --- README's two commands and the extras' pins ------------------------------------------------------
+def _meta():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _pins(requirements):
+    """{package: specifier} of requirement strings (markers dropped)."""
+    import re
+
+    out = {}
+    for req in requirements:
+        m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*([^;]*)", req)
+        out[m.group(1).lower()] = m.group(2).strip()
+    return out
+
+
+def _readme_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    main = next(line for line in lines if "spectral-kernels bench" in line and "pip install" in line)
+    test_install = next(line for line in lines if 'pip install -e ".[test' in line)
+    test_run = next(line for line in lines if line.startswith("TRITON_INTERPRET=1 python -m pytest"))
+    return main, test_install, test_run
+
+
+def test_extras_that_run_triton_pin_numpy_and_triton_alike():
+    extras = _meta()["optional-dependencies"]
+    bench, test = _pins(extras["bench"]), _pins(extras["test"])
+    for name in ("numpy", "triton", "peft"):
+        assert bench.get(name) and bench.get(name) == test.get(name), (name, bench.get(name), test.get(name))
+    assert test["numpy"] == "<2.4"
+    # every extra that names a package pins it the same way
+    seen = {}
+    for extra, reqs in extras.items():
+        for name, spec in _pins(reqs).items():
+            if spec:
+                assert seen.setdefault(name, (spec, extra))[0] == spec, (name, extra, seen[name])
+
+
+def test_readme_commands_pin_what_the_extras_pin_and_report_skips():
+    import re
+
+    main, test_install, test_run = _readme_commands()
+    triton = _pins(_meta()["optional-dependencies"]["test"])["triton"]
+    for line in (main, test_install):
+        assert f"triton{triton}" in line, line
+        assert re.search(r"torch==\d", line), line
+    extras = re.search(r'pip install -e "\.\[([a-z,]+)\]"', test_install).group(1).split(",")
+    # the extras the optional-dependency tests need (the quantized bases, the analysis, the reproduction)
+    assert {"test", "bnb", "torchao", "repro"} <= set(extras)
+    assert ".ci/test-data.txt" in test_install
+    assert " -rs" in test_run
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "grep -m1 -E '^TRITON_INTERPRET=1 python -m pytest' README.md" in ci
+    assert "torch==2.13.0" in ci and "triton==3.6.0" in ci
+    assert 'pip install -q -e ".[test,bnb,torchao,repro]"' in ci
