@@ -8,25 +8,9 @@ import torch
 
 from spectral_kernels.analysis import compare, summarize
 from spectral_kernels.analysis.comparison import matched_alignment, near_equal_groups
+from tests.analysis.test_compare import _build, _orth, _rot
 
 M, N, K = 40, 30, 6
-
-
-def _orth(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
-
-
-def _build(U, s, V):
-    return (U[:, : s.shape[0]] * s) @ V[:, : s.shape[0]].T
-
-
-def _rot(Q, i, j, theta):
-    Q = Q.clone()
-    qi, qj = Q[:, i].clone(), Q[:, j].clone()
-    Q[:, i] = math.cos(theta) * qi + math.sin(theta) * qj
-    Q[:, j] = -math.sin(theta) * qi + math.cos(theta) * qj
-    return Q
 
 
 def _spectrum(head):
