@@ -4,10 +4,6 @@
     spectral-kernels bench [--json PATH]   SpectralLinear vs frozen nn.Linear vs eager chain vs peft LoRA
     spectral-kernels analyze BASE TUNED [TUNED ...] --k K --out DIR
                                            how fine-tuning moved each weight's spectrum (markdown, JSON, PNGs)
-
-The parser is built from argparse alone: torch and the package's modules are imported inside each
-subcommand's function, when its work starts, so ``--help`` answers at once. One function per
-subcommand (``_info``, ``_bench``, ``_analyze``), registered in :func:`build_parser`.
 """
 from __future__ import annotations
 
@@ -15,6 +11,10 @@ import argparse
 import platform
 import sys
 import time
+
+# The parser is built from argparse alone: torch and the package's modules are imported inside each
+# subcommand's function, when its work starts, so that --help answers at once (tests/test_cli.py
+# checks it). One function per subcommand, registered in build_parser().
 
 
 def _info(_: argparse.Namespace) -> int:

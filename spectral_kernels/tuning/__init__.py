@@ -3,11 +3,11 @@
     model = sk.adapt(model, sk.SpectralConfig(target_modules=["query", "value"], rank=16, mode="scale"))
     ...train (only the spectral coefficients require grad)...
     sk.save_pretrained(model, "run/adapter");  model = sk.from_pretrained(base_model, "run/adapter")
+    model.merge_and_unload()   # peft's method names work on the adapted model (``peft_names``)
 
 Modules, bottom to top: ``config`` (SpectralConfig), ``fingerprints`` (base-weight fingerprints),
 ``inject`` (adapt), ``banks`` (named adapters, mixed-task batches), ``adapter_io`` (single-file
-adapters), ``merge``, ``optimizer`` (parameter groups), ``folder`` (adapter folders, transformers' save_pretrained and Trainer),
-``peft_names`` (peft's method names on the adapted model: merge_and_unload, print_trainable_parameters).
+adapters), ``merge``, ``optimizer`` (parameter groups), ``folder`` (adapter folders, transformers' save_pretrained and Trainer).
 """
 from spectral_kernels.tuning.adapter_io import (
     AdapterInfo,
