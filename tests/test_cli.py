@@ -68,7 +68,16 @@ def test_readme_main_command_installs_what_the_bench_compares_against():
 
 
 # --- a fast, light command line ----------------------------------------------------------------------
-SUBCOMMANDS = ("info", "bench", "analyze")
+def _subcommands() -> list[str]:
+    import argparse
+
+    from spectral_kernels.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(action.choices)
+
+
+SUBCOMMANDS = _subcommands()
 
 
 def _run_cli(*argv, module=True):
