@@ -107,7 +107,7 @@ def _analyze(args: argparse.Namespace) -> int:
     plots = []
     for label, path in tqdm(list(zip(labels, args.tuned)), desc="comparing", unit="model", disable=args.no_progress):
         reports = compare(base, states[path], k=args.k, include=args.include, exclude=args.exclude,
-                          progress=progress)
+                          gap_tol=args.gap_tol, progress=progress)
         md.append(summarize(reports, title=f"{label} (`{path}`) vs base"))
         result["tuned"][label] = {"path": str(path), "layers": reports}
         if not args.no_plots:
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", required=True, help="folder for summary.md, analysis.json and the PNG plots")
     analyze.add_argument("--include", default=None, help="regex: only weights whose name matches")
     analyze.add_argument("--exclude", default=None, help="regex: skip weights whose name matches")
+    analyze.add_argument("--gap-tol", type=float, default=0.01, help="singular values within this fraction of a "
+                         "neighbour's are near-equal: their vectors are aligned as a group (default 0.01)")
     analyze.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bars")
     analyze.set_defaults(func=_analyze)

@@ -104,3 +104,23 @@ def test_json_carries_both_figures():
     for key in ("alignment", "matched_alignment", "matched_index", "group_size", "matched_alignment_v"):
         assert len(data[key]) == 3, key
     assert data["gap_tol"] == 0.01
+
+
+def test_analyze_command_marks_and_explains_a_reordering(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from spectral_kernels.cli import main
+
+    U, V = _orth(M, 8), _orth(N, 9)
+    s = _spectrum([10.0, 9.0, 8.0])
+    c = torch.ones_like(s)
+    c[1] = 1.3  # s₂ lifted past s₁
+    save_file(_sd(_build(U, s, V)), str(tmp_path / "base.safetensors"))
+    save_file(_sd(_build(U, s * c, V)), str(tmp_path / "tuned.safetensors"))
+    argv = [str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--k", "4", "--no-plots",
+            "--no-progress"]
+    assert main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "1.000 →u'2" in md and "training reordered the singular values" in md
+    assert main(["analyze", *argv, "--out", str(tmp_path / "bad"), "--gap-tol", "-1"]) == 2
+    assert "gap_tol must be a number >= 0" in capsys.readouterr().err
