@@ -4,12 +4,14 @@ The compiled backend ``spectral_kernels._C`` (csrc/, CMakeLists.txt) is built by
 through pybind11. It links no torch, so the build environment needs none and one wheel serves every
 torch version. Environment variables:
 
-    SPECTRAL_KERNELS_CUDA=auto|1|0   auto (default): build when nvcc is found, else install the
-                                     pure-Python package with a one-line notice;
-                                     1: build or fail; 0: never build.
+    SPECTRAL_KERNELS_CUDA=auto|1|0   auto (default): build when nvcc is found AND an NVIDIA GPU is
+                                     present (nvidia-smi), for the GPUs present only; otherwise
+                                     install the pure-Python package with a one-line notice;
+                                     1: build or fail (no GPU needed: cross-compiles); 0: never build.
     SPECTRAL_KERNELS_CUDA_ARCHS      GPU architectures, e.g. "90" or "80;90" (SASS for each and PTX
                                      for the newest) or CMake syntax "80-real;90-real;90-virtual".
-                                     Default: 80, 86, 89, 90 + PTX for 90.
+                                     Default: the compute capabilities nvidia-smi reports; with
+                                     SPECTRAL_KERNELS_CUDA=1 and no GPU, 80, 86, 89, 90 + PTX for 90.
     CUDACXX / CUDA_HOME              where nvcc is, when it is not on PATH.
     CMAKE_BUILD_PARALLEL_LEVEL       parallel compile jobs (Ninja's default otherwise).
 """
@@ -28,10 +30,30 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 ENV_CUDA = "SPECTRAL_KERNELS_CUDA"
 ENV_ARCHS = "SPECTRAL_KERNELS_CUDA_ARCHS"
+#: architectures built when the build is forced on a machine whose GPUs cannot be read
+DEFAULT_ARCHS = "80;86;89;90"
+#: the oldest architecture the kernels compile for (bf16 WMMA, cp.async)
+MIN_ARCH = 80
+#: setup.py commands that build; pip also runs setup.py for metadata (egg_info), which must stay quiet
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
 
 
 def _notice(message: str) -> None:
-    print(f"spectral-kernels: {message}", file=sys.stderr, flush=True)
+    """One line on stderr. pip captures a build backend's output (shown with -v only), so the line
+    also goes to the terminal when there is one: skipping the CUDA build must never be silent."""
+    line = f"spectral-kernels: {message}"
+    print(line, file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(line + "\n")
+    except OSError:  # no controlling terminal (CI): stderr is all there is
+        pass
+
+
+def _building() -> bool:
+    return any(arg in BUILD_COMMANDS for arg in sys.argv[1:])
 
 
 def cuda_mode() -> str:
@@ -73,6 +95,24 @@ def cmake_archs(spec: str) -> str:
     return ";".join([f"{n}-real" for n in numbers] + [f"{numbers[-1]}-virtual"])
 
 
+def gpu_archs() -> str | None:
+    """The compute capabilities of the NVIDIA GPUs present ("90" or "80;90"), from
+    ``nvidia-smi --query-gpu=compute_cap``; None when there is no GPU, no driver or no nvidia-smi."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    caps = sorted({line.strip().replace(".", "") for line in out.stdout.splitlines() if line.strip()})
+    caps = [c for c in caps if c.isdigit()]
+    return ";".join(caps) or None
+
+
 class CMakeExtension(Extension):
     """An extension built by CMakeLists.txt in ``source_dir`` rather than by setuptools."""
 
@@ -106,7 +146,8 @@ class CMakeBuild(build_ext):
         if cmake is None or ninja is None or nvcc is None:
             missing = [n for n, p in (("cmake", cmake), ("ninja", ninja), ("nvcc", nvcc)) if p is None]
             raise RuntimeError(f"not found on PATH: {', '.join(missing)}")
-        archs = cmake_archs(os.environ.get(ENV_ARCHS, "80;86;89;90"))
+        present = [c for c in (gpu_archs() or "").split(";") if c and int(c) >= MIN_ARCH]
+        archs = cmake_archs(os.environ.get(ENV_ARCHS) or ";".join(present) or DEFAULT_ARCHS)
         # One CMake build directory per Python version and architecture list, outside setuptools'
         # per-command temp dirs: the in-place build, the editable install and the wheel share the
         # compiled kernels (their compile lines name neither Python nor pybind11).
@@ -142,17 +183,29 @@ class CMakeBuild(build_ext):
 
 
 def ext_modules() -> list[Extension]:
+    """[the CMake extension] when it is to be built (see the module docstring), else [] with a notice."""
     mode = cuda_mode()
+    quiet = not _building()
+    skip = (f"skipping the CUDA extension spectral_kernels._C (the torch and triton backends work "
+            f"without it); to build it anyway: {ENV_CUDA}=1 {ENV_ARCHS}=90 pip install -e .")
     if mode == "0":
-        _notice(f"{ENV_CUDA}=0: installing without the CUDA backend (spectral_kernels._C)")
+        quiet or _notice(f"{ENV_CUDA}=0: installing without the CUDA extension spectral_kernels._C")
         return []
     if find_nvcc() is None:
         if mode == "1":
             raise SystemExit(f"spectral-kernels: {ENV_CUDA}=1 but nvcc was not found "
                              "(put it on PATH or set CUDA_HOME / CUDACXX)")
-        _notice("nvcc not found: installing without the CUDA backend (spectral_kernels._C); "
-                f"the torch and triton backends work without it ({ENV_CUDA}=1 to require it)")
+        quiet or _notice(f"nvcc not found: {skip}")
         return []
+    if mode == "auto":
+        present = gpu_archs()
+        if present is None:
+            quiet or _notice(f"no NVIDIA GPU found (nvidia-smi): {skip}")
+            return []
+        if os.environ.get(ENV_ARCHS) is None and all(int(c) < MIN_ARCH for c in present.split(";")):
+            quiet or _notice(f"the GPUs present (sm_{present.replace(';', ', sm_')}) are older than "
+                             f"sm_{MIN_ARCH}, the oldest the kernels support: {skip}")
+            return []
     return [CMakeExtension("spectral_kernels._C", ROOT)]
 
 

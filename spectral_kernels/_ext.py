@@ -76,11 +76,44 @@ def extension_summary() -> str:
         return f"not built ({IMPORT_ERROR}); {REBUILD_HINT}"
     version = _C.cuda_runtime_version()
     count, error = _C.device_count()
-    devices = f"{count} CUDA device(s) visible" if count else f"no CUDA device visible ({error})"
+    devices = f"{count} CUDA device(s) visible" if count else no_gpu_reason(error)
     return (
         f"spectral_kernels._C built for {', '.join(compiled_archs()) or 'unknown architectures'}, "
         f"CUDA runtime {version // 1000}.{version % 1000 // 10} (static); {devices}"
     )
+
+
+def _driver_loads() -> bool:
+    """Whether the NVIDIA driver library (libcuda.so.1) is installed and loads."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def no_gpu_reason(error: str | None = None) -> str:
+    """Why no GPU is usable, in plain words; ``error`` is the CUDA runtime's (cudaGetDeviceCount),
+    whose "insufficient driver" also means no driver at all."""
+    if not _driver_loads():
+        return "no GPU / no NVIDIA driver found"
+    if error and "InsufficientDriver" in error:
+        return f"the NVIDIA driver is older than the CUDA runtime needs ({error})"
+    if not error or "NoDevice" in error:
+        return "no GPU found (the NVIDIA driver is installed but sees no device)"
+    return f"no GPU usable ({error})"
+
+
+def gpu_summary() -> str:
+    """One line for ``spectral-kernels info``: the visible GPUs, or why there are none."""
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"{len(names)} visible: {', '.join(names)}"
+    if torch.version.cuda is None and _driver_loads():
+        return "none usable: this torch is a CPU-only build (the NVIDIA driver is installed)"
+    return no_gpu_reason(_C.device_count()[1] if _C is not None else None)
 
 
 def cuda_status(device: torch.device | None) -> tuple[bool, str]:
@@ -90,7 +123,7 @@ def cuda_status(device: torch.device | None) -> tuple[bool, str]:
     if device is not None and device.type != "cuda":
         return False, f"the cuda backend needs CUDA tensors, got device '{device.type}'"
     if not torch.cuda.is_available():
-        return False, "spectral_kernels._C is built but no CUDA device is visible"
+        return False, f"spectral_kernels._C is built but {no_gpu_reason(_C.device_count()[1])}"
     index = device.index if device is not None and device.index is not None else -1
     capability = _device_capability(index)
     if not runs_on(capability):

@@ -241,9 +241,13 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run(cfg: BenchConfig, providers: tuple[str, ...] = PROVIDERS, phases: tuple[str, ...] = PHASES) -> BenchReport:
+def run(cfg: BenchConfig, providers: tuple[str, ...] = PROVIDERS, phases: tuple[str, ...] = PHASES,
+        progress: Callable[[str], None] | None = None) -> BenchReport:
     """Time every provider and phase, interleaving providers round by round so that machine
-    drift hits all of them alike; ratios are against the frozen nn.Linear of the same run."""
+    drift hits all of them alike; ratios are against the frozen nn.Linear of the same run.
+    ``progress`` (e.g. print) is called with one line per step: building, each phase's rounds, the end."""
+    say = progress or (lambda message: None)
+    say(f"building the layers (truncated SVD of a {cfg.out_features}×{cfg.in_features} weight, rank {cfg.rank})")
     built, notes = build_providers(cfg)
     dtype = getattr(torch, cfg.dtype)
     x = torch.randn(cfg.tokens, cfg.in_features, device=cfg.device, dtype=dtype, requires_grad=True)
@@ -257,6 +261,7 @@ def run(cfg: BenchConfig, providers: tuple[str, ...] = PROVIDERS, phases: tuple[
         for r in range(rounds):
             for p in names:
                 times[p] += time_ms(fns[p], cfg.device, cfg.warmup if r == 0 else 1, max(1, cfg.reps // rounds))
+            say(f"{phase}: round {r + 1}/{rounds} timed ({', '.join(names)})")
         base = statistics.median(times["linear"]) if "linear" in times else None
         for p in names:
             med = statistics.median(times[p])
@@ -265,6 +270,7 @@ def run(cfg: BenchConfig, providers: tuple[str, ...] = PROVIDERS, phases: tuple[
     for p in providers:
         if p in notes:
             report.rows.append(BenchRow(p, "-", float("nan"), float("nan"), float("nan"), None, notes[p]))
+    say("counting the activations each provider saves for backward")
     report.saved_activation_numel = {p: saved_activation_numel(built[p], x) for p in names}
     return report
 

@@ -13,11 +13,16 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import time
 
-import torch
+# The parser is built from argparse alone: torch and the package's modules are imported inside each
+# subcommand's function, when its work starts, so that --help answers at once (tests/test_cli.py
+# checks it). One function per subcommand, registered in build_parser().
 
 
 def _info(_: argparse.Namespace) -> int:
+    import torch
+
     import spectral_kernels
     from spectral_kernels import _ext
     from spectral_kernels.backends import BACKENDS, backend_status, requested_backend
@@ -28,7 +33,8 @@ def _info(_: argparse.Namespace) -> int:
     print(f"spectral-kernels {spectral_kernels.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, triton {env['triton'] or 'not installed'}")
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
-    print(f"torch build: {cuda}; CUDA device visible: {torch.cuda.is_available()}")
+    print(f"torch build: {cuda}")
+    print(f"GPU: {_ext.gpu_summary()}")
     print(f"device: {env['device']} ({device})")
     print(f"compiled extension: {_extension_summary(_ext)}")
     print(f"requested backend (argument default, context, SPECTRAL_KERNELS_BACKEND): {requested_backend()}")
@@ -47,6 +53,8 @@ def _extension_summary(ext) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
     from spectral_kernels.benchmarking import PHASES, PROVIDERS, BenchConfig, format_table, run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,7 +65,12 @@ def _bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown provider(s) {unknown}; expected a comma list of {PROVIDERS}", file=sys.stderr)
         return 2
-    report = run(cfg, providers, PHASES)
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:  # a line per step on stderr, so that a long run is never silent
+        print(f"[{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    report = run(cfg, providers, PHASES, progress=None if args.quiet else progress)
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -98,7 +111,7 @@ def _analyze(args: argparse.Namespace) -> int:
     plots = []
     for label, path in tqdm(list(zip(labels, args.tuned)), desc="comparing", unit="model", disable=args.no_progress):
         reports = compare(base, states[path], k=args.k, include=args.include, exclude=args.exclude,
-                          progress=progress)
+                          gap_tol=args.gap_tol, progress=progress)
         md.append(summarize(reports, title=f"{label} (`{path}`) vs base"))
         result["tuned"][label] = {"path": str(path), "layers": reports}
         if not args.no_plots:
@@ -228,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_positive, default=3)
     bench.add_argument("--reps", type=_positive, default=15, help="timed calls per provider and phase")
     bench.add_argument("--json", metavar="PATH", help="also save the report as JSON")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bench.set_defaults(func=_bench)
     analyze = sub.add_parser("analyze", help="spectral comparison of fine-tuned weights with their base")
     analyze.add_argument("base", help="safetensors file, torch state_dict file or Hugging Face model folder")
@@ -237,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", required=True, help="folder for summary.md, analysis.json and the PNG plots")
     analyze.add_argument("--include", default=None, help="regex: only weights whose name matches")
     analyze.add_argument("--exclude", default=None, help="regex: skip weights whose name matches")
+    analyze.add_argument("--gap-tol", type=float, default=0.01, help="singular values within this fraction of a "
+                         "neighbour's are near-equal: their vectors are aligned as a group (default 0.01)")
     analyze.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bars")
     analyze.set_defaults(func=_analyze)

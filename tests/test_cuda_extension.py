@@ -1,6 +1,7 @@
 """The compiled extension spectral_kernels._C on any machine (CPU CI included): it imports without a
 GPU or a driver, reports what it was built for, and refuses what would fault on a device with a
-clear Python exception. Skipped where _C is not built (pip install without nvcc)."""
+clear Python exception. Skipped where _C is not built (pip install on a machine without a GPU or
+nvcc; SPECTRAL_KERNELS_CUDA=1 pip install -e . builds it with nvcc and no GPU)."""
 import re
 import subprocess
 
@@ -12,7 +13,7 @@ from spectral_kernels import _ext
 from spectral_kernels.backends import BackendUnavailableError
 from spectral_kernels.ops import spectral_linear_cuda as cuda_ops
 
-needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"spectral_kernels._C is not built ({_ext.IMPORT_ERROR})")
+needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"spectral_kernels._C is not built ({_ext.IMPORT_ERROR}); {_ext.REBUILD_HINT}")
 no_device = pytest.mark.skipif(
     _ext._C is not None and _ext._C.device_count()[0] > 0,
     reason="launching on bogus pointers is only safe with no CUDA device",

@@ -6,8 +6,17 @@ over base and tuned weights grouped by shape):
 
 - ``sv_ratio[i]`` = s'ᵢ / sᵢ (NaN where sᵢ = 0): > 1 is amplification of the i-th singular value;
 - ``alignment[i]`` = |uᵢ·u'ᵢ| (and ``alignment_v`` with the right vectors): 1 = the i-th direction
-  did not move. Meaningful only where sᵢ is separated from its neighbours (near-equal singular
-  values may swap or mix); the subspace similarity below has no such ambiguity;
+  did not move, compared index by index. Two things make that figure contradict an unchanged
+  subspace, and ``matched_alignment`` corrects both:
+
+  * reordering: training that rescales singular values ("scale" mode) can lift s₂ above s₁, so the
+    tuned model's first vector is the base's second: |u₁·u'₁| = 0 while nothing rotated. The
+    matched figure compares uᵢ with the tuned vector closest to it, u'ⱼ (j = ``matched_index[i]``);
+  * near-equal singular values: where sᵢ is within ``gap_tol`` (relative) of a neighbour's, in the
+    base or in the tuned model, the single vectors are not well defined — any rotation within the
+    group of near-equal values is an equally valid SVD. There the matched figure is the norm of uᵢ's
+    projection onto the span of the tuned group it belongs to (1 = uᵢ stayed in that group's
+    subspace), and ``group_size[i]`` > 1 says so (1: a well-defined single vector);
 - ``subspace_similarity`` = ‖U_kᵀU'_k‖²_F / k ∈ [0, 1], the mean squared cosine of the principal
   angles between the two top-k subspaces (``subspace_similarity_v`` for V), and the same for every
   j ≤ k (``similarity_by_k``). Two random k-dimensional subspaces of R^m give k/m on average
@@ -29,8 +38,8 @@ from torch import Tensor
 
 from spectral_kernels.ops.truncated_svd import SVDResult, batched_truncated_svd
 
-__all__ = ["LayerReport", "SharedBasisReport", "compare", "layer_type", "matching_weights", "shared_basis",
-           "similarity_curve", "subspace_similarity"]
+__all__ = ["GAP_TOL", "LayerReport", "SharedBasisReport", "compare", "layer_type", "matched_alignment",
+           "matching_weights", "near_equal_groups", "shared_basis", "similarity_curve", "subspace_similarity"]
 
 
 # --- small numerical pieces ------------------------------------------------------------------------
@@ -47,6 +56,38 @@ def similarity_curve(A: Tensor, B: Tensor) -> Tensor:
     P = (M * M).cumsum(0).cumsum(1)
     j = torch.arange(1, M.shape[0] + 1, dtype=torch.float64)
     return P.diagonal() / j
+
+
+def near_equal_groups(S: Tensor, gap_tol: float) -> Tensor:
+    """Group id per index of descending singular values S [k]: neighbours whose gap is at most
+    ``gap_tol`` times the larger of the two share a group (chained: 1.00, 0.995, 0.99 is one group)."""
+    ids = torch.zeros(S.shape[0], dtype=torch.long)
+    for i in range(1, S.shape[0]):
+        larger, gap = float(S[i - 1]), float(S[i - 1] - S[i])
+        ids[i] = ids[i - 1] + (0 if gap <= gap_tol * abs(larger) else 1)
+    return ids
+
+
+def matched_alignment(A: Tensor, SA: Tensor, B: Tensor, SB: Tensor, gap_tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(alignment [k], matched index [k], group size [k]) of the columns of A (base vectors, singular
+    values SA) against B (tuned, SB); A, B orthonormal [n, k].
+
+    For column i: j = argmaxⱼ |aᵢ·bⱼ| (the tuned vector aᵢ became). Let G be the base group of i
+    (near-equal SA, :func:`near_equal_groups`) and J the union of the tuned groups (near-equal SB)
+    of the matched indices of G's members. The alignment is ‖B_Jᵀ aᵢ‖ — |aᵢ·bⱼ| when G and J are
+    single vectors — and the group size max(|G|, |J|) (1: a well-defined single vector)."""
+    M = (A.transpose(-2, -1).to(torch.float64) @ B.to(torch.float64)).abs()
+    best = M.argmax(1)
+    ga, gb = near_equal_groups(SA, gap_tol), near_equal_groups(SB, gap_tol)
+    k = M.shape[0]
+    align = torch.empty(k, dtype=torch.float64)
+    size = torch.empty(k, dtype=torch.long)
+    for i in range(k):
+        members = ga == ga[i]
+        J = torch.isin(gb, gb[best[members]])
+        align[i] = M[i, J].square().sum().sqrt().clamp(max=1.0)
+        size[i] = max(int(members.sum()), int(J.sum()))
+    return align, best, size
 
 
 def layer_type(name: str) -> str:
@@ -71,6 +112,15 @@ class LayerReport:
     similarity_by_k_u: Tensor
     similarity_by_k_v: Tensor
     relative_change: float  # ‖W' − W‖_F / ‖W‖_F
+    #: alignment of each base vector with the tuned vector (or group of near-equal ones) it became;
+    #: see the module docstring. float64 [k], long [k], long [k]; empty when not computed.
+    matched_alignment_u: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    matched_alignment_v: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    matched_index_u: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    matched_index_v: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    group_size_u: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    group_size_v: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    gap_tol: float = 0.0
 
     @property
     def alignment(self) -> Tensor:
@@ -105,6 +155,10 @@ class LayerReport:
             "chance_u": self.chance_u, "chance_v": self.chance_v,
             "s_base": lst(self.s_base), "s_tuned": lst(self.s_tuned), "sv_ratio": lst(self.sv_ratio),
             "alignment": lst(self.alignment_u), "alignment_v": lst(self.alignment_v),
+            "matched_alignment": lst(self.matched_alignment_u), "matched_alignment_v": lst(self.matched_alignment_v),
+            "matched_index": self.matched_index_u.tolist(), "matched_index_v": self.matched_index_v.tolist(),
+            "group_size": self.group_size_u.tolist(), "group_size_v": self.group_size_v.tolist(),
+            "gap_tol": self.gap_tol,
             "similarity_by_k": lst(self.similarity_by_k_u), "similarity_by_k_v": lst(self.similarity_by_k_v),
         }
 
@@ -209,9 +263,13 @@ def _svds(mats: dict[Any, Tensor], k: int, *, method: str, progress: bool | None
 
 
 # --- the public functions -----------------------------------------------------------------------
+#: default relative gap under which neighbouring singular values count as near-equal (see compare)
+GAP_TOL = 1e-2
+
+
 def compare(base_state_dict: Mapping[str, Tensor], tuned_state_dict: Mapping[str, Tensor], k: int = 16, *,
             include: str | None = None, exclude: str | None = None, method: str = "auto",
-            progress: bool | None = None) -> dict[str, LayerReport]:
+            progress: bool | None = None, gap_tol: float = GAP_TOL) -> dict[str, LayerReport]:
     """Compare every 2-D weight present in both state_dicts (same shape): {name: LayerReport}.
 
     Args:
@@ -221,11 +279,15 @@ def compare(base_state_dict: Mapping[str, Tensor], tuned_state_dict: Mapping[str
         include, exclude: regular expressions selecting weights by name.
         method: the truncated SVD's method ("auto", "exact", "gram", "randomized").
         progress: tqdm bar of the SVDs (None: when stderr is a terminal).
+        gap_tol: neighbouring singular values within this fraction of the larger one are near-equal:
+            their single vectors are not well defined and ``matched_alignment`` compares groups.
 
     Raises:
-        ValueError: k is not a positive integer, or no weight is shared.
+        ValueError: k is not a positive integer, gap_tol is negative, or no weight is shared.
     """
     k = _check_k(k)
+    if not isinstance(gap_tol, (int, float)) or isinstance(gap_tol, bool) or not gap_tol >= 0:
+        raise ValueError(f"gap_tol must be a number >= 0, got {gap_tol!r}")
     pairs = matching_weights(base_state_dict, tuned_state_dict, include=include, exclude=exclude)
     if not pairs:
         raise ValueError("no 2-D weight with the same name and shape in both state_dicts"
@@ -240,20 +302,24 @@ def compare(base_state_dict: Mapping[str, Tensor], tuned_state_dict: Mapping[str
         W = base_state_dict[bk].detach().to(torch.float64).cpu()
         W2 = tuned_state_dict[tk].detach().to(torch.float64).cpu()
         a, b = svd[("base", name)], svd[("tuned", name)]
-        reports[name] = _report(name, W, W2, a, b)
+        reports[name] = _report(name, W, W2, a, b, float(gap_tol))
     return reports
 
 
-def _report(name: str, W: Tensor, W2: Tensor, a: SVDResult, b: SVDResult) -> LayerReport:
+def _report(name: str, W: Tensor, W2: Tensor, a: SVDResult, b: SVDResult, gap_tol: float) -> LayerReport:
     f64 = lambda t: t.detach().to(torch.float64).cpu()  # noqa: E731
     Ua, Sa, Va, Ub, Sb, Vb = map(f64, (a.U, a.S, a.V, b.U, b.S, b.V))
     ratio = torch.where(Sa > 0, Sb / torch.where(Sa > 0, Sa, torch.ones_like(Sa)), torch.full_like(Sa, math.nan))
     norm = float(W.norm())
+    mu, ju, gu = matched_alignment(Ua, Sa, Ub, Sb, gap_tol)
+    mv, jv, gv = matched_alignment(Va, Sa, Vb, Sb, gap_tol)
     return LayerReport(
         name=name, shape=(W.shape[0], W.shape[1]), k=Sa.shape[-1], s_base=Sa, s_tuned=Sb, sv_ratio=ratio,
         alignment_u=(Ua * Ub).sum(0).abs(), alignment_v=(Va * Vb).sum(0).abs(),
         similarity_by_k_u=similarity_curve(Ua, Ub), similarity_by_k_v=similarity_curve(Va, Vb),
         relative_change=float((W2 - W).norm()) / norm if norm > 0 else math.nan,
+        matched_alignment_u=mu, matched_alignment_v=mv, matched_index_u=ju, matched_index_v=jv,
+        group_size_u=gu, group_size_v=gv, gap_tol=gap_tol,
     )
 
 

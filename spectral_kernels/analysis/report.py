@@ -47,8 +47,10 @@ def _head(t: torch.Tensor, n: int) -> torch.Tensor:
 def summarize(reports: Mapping[str, LayerReport], title: str = "spectral comparison", top: int = 4) -> str:
     """A markdown summary: one row per layer type (means over its layers), then one row per layer."""
     lines = [f"## {title}", "",
-             f"sv ratio = s'ᵢ/sᵢ; align = |uᵢ·u'ᵢ|; sim = ‖U_kᵀU'_k‖²_F/k (chance k/out); "
-             f"top = mean over i < {top}; rest = mean over {top} ≤ i < k.", "",
+             f"sv ratio = s'ᵢ/sᵢ; align = |uᵢ·u'ⱼ| with u'ⱼ the tuned vector uᵢ became (matched, not index by "
+             f"index; grouped where singular values are near-equal, see the footnotes below the per-layer "
+             f"table); sim = ‖U_kᵀU'_k‖²_F/k (chance k/out); top = mean over i < {top}; rest = mean over "
+             f"{top} ≤ i < k.", "",
              "| layer type | n | k | ΔW/W | sv ratio top | sv ratio rest | align U top | align V top "
              "| sim U | sim V | chance U |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for lt, rs in _by_type(reports).items():
@@ -57,21 +59,54 @@ def summarize(reports: Mapping[str, LayerReport], title: str = "spectral compari
             f"| {lt} | {len(rs)} | {rs[0].k} | {_fmt(mean(lambda r: r.relative_change))} "
             f"| {_fmt(mean(lambda r: float(torch.nanmean(_head(r.sv_ratio, top)))))} "
             f"| {_fmt(mean(lambda r: float(torch.nanmean(r.sv_ratio[top:])) if r.k > top else math.nan))} "
-            f"| {_fmt(mean(lambda r: float(_head(r.alignment_u, top).mean())))} "
-            f"| {_fmt(mean(lambda r: float(_head(r.alignment_v, top).mean())))} "
+            f"| {_fmt(mean(lambda r: float(_head(_matched(r, 'u'), top).mean())))} "
+            f"| {_fmt(mean(lambda r: float(_head(_matched(r, 'v'), top).mean())))} "
             f"| {_fmt(mean(lambda r: r.subspace_similarity))} | {_fmt(mean(lambda r: r.subspace_similarity_v))} "
             f"| {_fmt(mean(lambda r: r.chance_u))} |")
     lines += ["", "<details><summary>per layer</summary>", "",
               "| layer | shape | ΔW/W | s₁'/s₁ | max sv ratio (i) | align u₁ | sim U | sim V |",
               "|---|---|---|---|---|---|---|---|"]
+    marks: set[str] = set()
     for r in reports.values():
         i = int(torch.nan_to_num(r.sv_ratio, nan=-1.0).argmax())
+        align, mark = _first_alignment(r)
+        marks.update(mark)
         lines.append(f"| {r.name} | {r.shape[0]}×{r.shape[1]} | {_fmt(r.relative_change)} "
                      f"| {_fmt(float(r.sv_ratio[0]))} | {_fmt(float(r.sv_ratio[i]))} ({i}) "
-                     f"| {_fmt(float(r.alignment_u[0]))} | {_fmt(r.subspace_similarity)} "
-                     f"| {_fmt(r.subspace_similarity_v)} |")
+                     f"| {align} | {_fmt(r.subspace_similarity)} | {_fmt(r.subspace_similarity_v)} |")
+    lines.append("")
+    gap = next((r.gap_tol for r in reports.values()), 0.0)
+    if "→" in marks:
+        lines.append("→u'ⱼ: training reordered the singular values: u₁ became the tuned model's j-th vector "
+                     "(the figure is |u₁·u'ⱼ|; the index-wise |u₁·u'₁| is `alignment` in analysis.json).  ")
+    if "†" in marks:
+        lines.append(f"†: s₁ is within {gap:.0%} of a neighbouring singular value (in the base or the tuned "
+                     "model), so u₁ alone is not well defined: any rotation within the group of near-equal "
+                     "values is an equally valid SVD. The figure is the norm of u₁'s projection onto the "
+                     "tuned group's span (1 = u₁ stayed in it); read sim U for the subspace.  ")
     lines += ["", "</details>", ""]
     return "\n".join(lines)
+
+
+def _matched(r: LayerReport, side: str) -> torch.Tensor:
+    """The matched alignment (the index-wise one for reports made without it)."""
+    matched = r.matched_alignment_u if side == "u" else r.matched_alignment_v
+    return matched if matched.numel() else (r.alignment_u if side == "u" else r.alignment_v)
+
+
+def _first_alignment(r: LayerReport) -> tuple[str, set[str]]:
+    """The per-layer table's "align u₁" cell and the footnote marks it uses."""
+    if not r.matched_alignment_u.numel():
+        return _fmt(float(r.alignment_u[0])), set()
+    text, marks = _fmt(float(r.matched_alignment_u[0])), set()
+    j = int(r.matched_index_u[0])
+    if j != 0:
+        text += f" →u'{j + 1}"
+        marks.add("→")
+    if int(r.group_size_u[0]) > 1:
+        text += "†"
+        marks.add("†")
+    return text, marks
 
 
 def shared_summary(reports: Mapping[str, SharedBasisReport], labels: Sequence[str]) -> str:
@@ -145,10 +180,10 @@ def plot_all(reports: Mapping[str, LayerReport], out_dir: str | os.PathLike, pre
     names = list(reports)
     kk = max(r.k for r in reports.values())
     fig, axes = plt.subplots(1, 2, figsize=(12, max(3, 0.18 * len(names) + 1.5)))
-    for ax, attr, label in zip(axes, ("alignment_u", "alignment_v"), ("|uᵢ·u'ᵢ|", "|vᵢ·v'ᵢ|")):
+    for ax, side, label in zip(axes, ("u", "v"), ("|uᵢ·u'ⱼ| (matched)", "|vᵢ·v'ⱼ| (matched)")):
         M = torch.full((len(names), kk), math.nan)
         for j, n in enumerate(names):
-            a = getattr(reports[n], attr)
+            a = _matched(reports[n], side)
             M[j, : a.shape[0]] = a.float()
         im = ax.imshow(M.numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
         ax.set_xlabel("singular index i"); ax.set_title(label)

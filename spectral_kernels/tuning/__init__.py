@@ -3,6 +3,7 @@
     model = sk.adapt(model, sk.SpectralConfig(target_modules=["query", "value"], rank=16, mode="scale"))
     ...train (only the spectral coefficients require grad)...
     sk.save_pretrained(model, "run/adapter");  model = sk.from_pretrained(base_model, "run/adapter")
+    model.merge_and_unload()   # peft's method names work on the adapted model (``peft_names``)
 
 Modules, bottom to top: ``config`` (SpectralConfig), ``fingerprints`` (base-weight fingerprints),
 ``inject`` (adapt), ``banks`` (named adapters, mixed-task batches), ``adapter_io`` (single-file
@@ -41,6 +42,7 @@ from spectral_kernels.tuning.inject import (
 from spectral_kernels.tuning.merge import merge_adapter, unload, unmerge
 from spectral_kernels.tuning.merged_checkpoint import save_merged
 from spectral_kernels.tuning.optimizer import param_groups
+from spectral_kernels.tuning.peft_names import get_nb_trainable_parameters, merge_and_unload
 
 __all__ = [
     "AdaptReport",
@@ -63,7 +65,9 @@ __all__ = [
     "from_pretrained",
     "list_adapters",
     "load_adapter",
+    "get_nb_trainable_parameters",
     "merge_adapter",
+    "merge_and_unload",
     "param_groups",
     "print_trainable_parameters",
     "read_adapter",

@@ -57,7 +57,7 @@ class SpectralConfig:
         backend: backend of the spectral_linear op in every adapted layer.
 
     Choosing a mode and a learning rate (AdamW, measured on MiniLM-L6 and two text tasks with a
-    3-value sweep and 3 seeds; docs/FINDINGS.md, README "Which mode?"):
+    3-value sweep and 3 seeds; docs/FINDINGS.md, docs/guide.md "Which mode?"):
 
     - ``"scale"``: lr ≈ 5e-3 (2e-3 … 1e-2). A step moves each singular value by ≈ lr *relative*
       to itself. Top-16 trains ~0.006 % of a BERT's parameters: 4 points under LoRA on the harder
