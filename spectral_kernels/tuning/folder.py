@@ -249,9 +249,6 @@ def folder_files(directory: str | os.PathLike, description: dict[str, Any]) -> d
     out = {}
     for file, sha in recorded.items():
         path = os.path.join(directory, file)
-        if os.path.isfile(path) and file_sha256(path) == sha:
-            out[file] = path
-            continue
         tmp = temp_name(path, token)
         if token and os.path.isfile(tmp) and file_sha256(tmp) == sha:  # committed, not yet renamed
             try:
@@ -259,6 +256,9 @@ def folder_files(directory: str | os.PathLike, description: dict[str, Any]) -> d
                 out[file] = path
             except OSError:
                 out[file] = tmp
+            continue
+        if os.path.isfile(path) and file_sha256(path) == sha:
+            out[file] = path
             continue
         state = "is missing" if not os.path.exists(path) else f"does not match the sha256 that {CONFIG_NAME} records"
         raise AdapterFileError(f"{path} {state}: the folder's files come from different saves or the file was "

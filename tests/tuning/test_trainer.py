@@ -103,3 +103,21 @@ def test_save_model_reloads_with_from_pretrained_and_refuses_a_plain_load(uninte
     assert torch.equal(got, want)
     with pytest.raises(Exception, match=r"spectral_kernels\.from_pretrained"):
         BertForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_checkpoints_hold_every_adapter_of_a_bank(tmp_path):
+    """A model with several adapters, "topic" active and trained: the checkpoint restores all of them."""
+    model = _adapted()
+    sk.add_adapter(model, "sentiment")
+    sk.add_adapter(model, "topic")
+    with torch.no_grad():
+        for p in sk.adapter_parameters(model, "sentiment"):
+            p.fill_(0.75)  # untrained but not the identity: must survive the checkpoint
+    sk.set_adapter(model, "topic")
+    _trainer(model, tmp_path, max_steps=2, save_steps=2).train()
+    rebuilt = sk.from_pretrained(tiny_bert(num_labels=2), tmp_path / "checkpoint-2")
+    assert sk.list_adapters(rebuilt) == ["default", "sentiment", "topic"] and sk.active_adapter(rebuilt) == "topic"
+    for name in ("default", "sentiment", "topic"):
+        for want, got in zip(sk.adapter_parameters(model, name), sk.adapter_parameters(rebuilt, name)):
+            assert torch.equal(want, got), name
+    assert not torch.equal(sk.adapter_parameters(model, "topic")[0], torch.ones(4))  # it trained
