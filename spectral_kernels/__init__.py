@@ -17,6 +17,7 @@ from spectral_kernels.ops.reference import spectral_linear_ref
 from spectral_kernels.ops.spectral_linear import spectral_linear
 from spectral_kernels.ops.truncated_svd import SVDResult, batched_truncated_svd, truncated_svd
 from spectral_kernels.tuning import (
+    AdapterFileError,
     AdapterMismatchError,
     SpectralConfig,
     active_adapter,
@@ -41,6 +42,7 @@ from spectral_kernels.tuning import (
 from spectral_kernels._version import __version__  # noqa: E402
 
 __all__ = [
+    "AdapterFileError",
     "AdapterMismatchError",
     "BackendUnavailableError",
     "SpecLoRALinear",

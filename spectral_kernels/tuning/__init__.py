@@ -4,7 +4,8 @@
     ...train (only the spectral coefficients require grad)...
     sk.save_pretrained(model, "run/adapter");  model = sk.from_pretrained(base_model, "run/adapter")
 
-Modules, bottom to top: ``config`` (SpectralConfig), ``fingerprints`` (base-weight fingerprints),
+Modules, bottom to top: ``config`` (SpectralConfig), ``safe_io`` (atomic writes, checksums),
+``fingerprints`` (base-weight fingerprints),
 ``inject`` (adapt), ``banks`` (named adapters, mixed-task batches), ``adapter_io`` (single-file
 adapters), ``merge``, ``optimizer`` (parameter groups), ``folder`` (adapter folders, transformers' save_pretrained and Trainer).
 """
@@ -27,6 +28,7 @@ from spectral_kernels.tuning.banks import (
 )
 from spectral_kernels.tuning.config import SpectralConfig
 from spectral_kernels.tuning.fingerprints import fingerprint
+from spectral_kernels.tuning.safe_io import AdapterFileError
 from spectral_kernels.tuning.folder import from_pretrained, read_folder, save_pretrained
 from spectral_kernels.tuning.inject import (
     AdaptReport,
@@ -41,6 +43,7 @@ from spectral_kernels.tuning.optimizer import param_groups
 
 __all__ = [
     "AdaptReport",
+    "AdapterFileError",
     "AdapterInfo",
     "AdapterMismatchError",
     "SpectralConfig",

@@ -48,9 +48,9 @@ from spectral_kernels.tuning.fingerprints import (
     BASE_TENSOR_SAMPLE,
     compare_fingerprints,
     compare_tensor_fingerprints,
-    fingerprint,
     frozen_tensors,
     layer_fingerprint,
+    saved_fingerprint,
 )
 from spectral_kernels.tuning.inject import (
     CONFIG_ATTR,
@@ -223,14 +223,14 @@ def _adapter_payload(m: nn.Module, config: SpectralConfig, layers: dict[str, Spe
     """(tensors, metadata) of an adapter file (module docstring)."""
     layer_meta = {}
     for name, layer in layers.items():
-        fp = layer_fingerprint(layer)
+        fp = layer_fingerprint(layer, saving=True)
         if fp is None:
             raise ValueError(f"save_adapter: layer {name!r} has no base weight nor recorded fingerprint")
         layer_meta[name] = {**_layer_meta(layer), "fingerprint": fp}
     state = adapter_state_dict(m, include_basis=include_basis, adapter=adapter)
     # held: every trained tensor, written here or not (a coefficients-only file's heads are trained too)
     held = set(state) | {n for n, p in m.named_parameters() if p.requires_grad}
-    base = {n: fingerprint(t, sample=BASE_TENSOR_SAMPLE) for n, t in base_tensors(m, layers, held).items()}
+    base = {n: saved_fingerprint(t, sample=BASE_TENSOR_SAMPLE) for n, t in base_tensors(m, layers, held).items()}
     if coefficients_only:
         state = {n: t for n, t in state.items() if n.rsplit(".", 1)[-1] in ("coeffs", "U", "s", "V")
                  and n.rsplit(".", 1)[0] in layers}

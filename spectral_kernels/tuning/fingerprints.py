@@ -129,13 +129,33 @@ def fingerprint(W: Tensor, *, sample: int = CROSS_DTYPE_SAMPLE) -> dict[str, Any
     if W.is_floating_point():
         fp.update(
             sum=W.sum(dtype=torch.float64).item(),
-            abs_sum=W.abs().sum(dtype=torch.float64).item(),
+            abs_sum=torch.linalg.vector_norm(W, ord=1, dtype=torch.float64).item(),
             norm=torch.linalg.vector_norm(W, dtype=torch.float64).item(),
             bf16=base64.b64encode(_bytes(_gather(W, sample_positions(W.shape, sample))
                                          .to(torch.bfloat16))).decode("ascii"),
             bf16_sample=sample,
         )
     return fp
+
+
+#: attribute of a tensor holding the fingerprint taken when an adapter was saved: (its _version, sample, fingerprint)
+_SAVED_ATTR = "_spectral_saved_fingerprint"
+
+
+def saved_fingerprint(W: Tensor, *, sample: int = CROSS_DTYPE_SAMPLE) -> dict[str, Any]:
+    """:func:`fingerprint` of a frozen base tensor for an adapter being saved, taken once per tensor
+    and reused while the tensor is not modified in place (its version counter), so that a
+    Trainer's periodic checkpoints do not hash the whole base every time (seconds for a BERT-base
+    on a CPU). Loading never uses it: a base being checked is always hashed afresh."""
+    hit = getattr(W, _SAVED_ATTR, None)
+    if hit is not None and hit[0] == W._version and hit[1] == sample:
+        return dict(hit[2])
+    fp = fingerprint(W, sample=sample)
+    try:
+        setattr(W, _SAVED_ATTR, (W._version, sample, fp))
+    except (AttributeError, TypeError):  # a tensor type without attributes: not cached
+        pass
+    return dict(fp)
 
 
 def _bf16_values(text: str) -> Tensor:
@@ -229,13 +249,14 @@ def _compare_quantized(stored: dict[str, Any], actual: dict[str, Any], sq: dict 
     return None
 
 
-def layer_fingerprint(layer: SpectralLinear) -> dict[str, Any] | None:
-    """The base fingerprint of an adapted layer: hashed from its frozen W (delta form), or the one
-    adapt() recorded (pure form); None if neither exists."""
+def layer_fingerprint(layer: SpectralLinear, *, saving: bool = False) -> dict[str, Any] | None:
+    """The base fingerprint of an adapted layer: hashed from its frozen W (delta form; ``saving``:
+    through :func:`saved_fingerprint`), or the one adapt() recorded (pure form); None if neither
+    exists."""
     if getattr(layer, FINGERPRINT_ATTR, None) is not None:
         return getattr(layer, FINGERPRINT_ATTR)
     if layer.weight is not None:
-        return fingerprint(layer.weight)
+        return saved_fingerprint(layer.weight) if saving else fingerprint(layer.weight)
     return None
 
 

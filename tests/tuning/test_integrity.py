@@ -337,3 +337,12 @@ def test_no_warning_for_a_current_file(adapter):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_adapter(net(), adapter)
+
+
+def test_saved_fingerprints_are_reused_until_the_tensor_changes():
+    W = torch.randn(23, 19)
+    a = fps.saved_fingerprint(W)
+    assert fps.saved_fingerprint(W) == a  # reused
+    with torch.no_grad():
+        W[4, 4] += 1.0  # an in-place change bumps the version counter
+    assert fps.saved_fingerprint(W)["sha256"] == fps.fingerprint(W)["sha256"] != a["sha256"]
