@@ -32,7 +32,7 @@ make the folder a Trainer checkpoint and keep a plain ``from_pretrained`` from l
 A save is atomic (:mod:`spectral_kernels.tuning.safe_io`): every file is written aside under a
 temporary name carrying the save's token and fsynced; then ``spectral_config.json`` is renamed into
 place — the commit — and then the other files. Killed before the commit, the folder holds the
-previous save (the temporaries are ignored and the next save removes them); killed after it, the
+previous save (the temporaries are ignored; a save an hour later removes them); killed after it, the
 description names the new files by checksum and :func:`from_pretrained` finishes the renames (or
 reads the temporaries when the folder is read-only). A file that matches neither is refused,
 naming it, as is a description, adapter file or ``pytorch_model.bin`` that disagrees with another.
@@ -185,12 +185,14 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, incl
         text = json.dumps(description, indent=2, sort_keys=True) + "\n"
         staged_description = write_aside(os.path.join(directory, CONFIG_NAME), lambda p: write_text(p, text), token)
         fsync_dir(directory)
-        os.replace(staged_description, os.path.join(directory, CONFIG_NAME))  # the commit
-    except BaseException:
+    except BaseException:  # nothing committed: the previous save stands; drop this one's files
         for tmp in staged.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+    # the commit, outside the try: once it happened the staged files are the save and must stay
+    # (an error here leaves them aside, ignored and later removed as stale)
+    os.replace(staged_description, os.path.join(directory, CONFIG_NAME))
     fsync_dir(directory)
     for file, tmp in staged.items():
         os.replace(tmp, os.path.join(directory, file))

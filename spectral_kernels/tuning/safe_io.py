@@ -4,8 +4,8 @@
 disk (fsync), then renames it over the target with ``os.replace`` — atomic on POSIX and Windows
 within one file system — and fsyncs the folder so the rename itself survives a power loss. A
 process killed at any point leaves either the previous file or the new one, never a mix; what it
-can leave is a temporary file (named with :data:`TEMP_MARK`), which readers ignore and the next
-save of the folder removes.
+can leave is a temporary file (named with :data:`TEMP_MARK`), which readers ignore and a later
+save of the folder removes once it is stale (:data:`STALE_AFTER_S`).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -76,13 +77,21 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def remove_temporaries(directory: str, *, except_token: str | None = None) -> None:
-    """Delete the temporary files an interrupted save left in ``directory``."""
+#: a temporary file older than this (seconds) is left over from an interrupted save; a younger one
+#: may belong to a save in flight in another process (every rank of a job saving one folder)
+STALE_AFTER_S = 3600.0
+
+
+def remove_temporaries(directory: str) -> None:
+    """Delete the temporary files that interrupted saves left in ``directory`` (those older than
+    :data:`STALE_AFTER_S`)."""
+    now = time.time()
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
-            if TEMP_MARK in name and not (except_token and name.endswith(except_token)):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(directory, name))
+            path = os.path.join(directory, name)
+            with contextlib.suppress(OSError):
+                if TEMP_MARK in name and now - os.path.getmtime(path) > STALE_AFTER_S:
+                    os.remove(path)
 
 
 def file_sha256(path: str) -> str:

@@ -193,8 +193,13 @@ def test_a_writer_killed_mid_save_leaves_the_old_or_the_new_save(tmp_path):
         start = int(done[-1]) + 10
 
 
-def _crash_on_replace(monkeypatch, call):
-    """Make the ``call``-th os.replace of a save raise, as a kill at that point would stop it."""
+def _interrupted_save(directory, monkeypatch, call):
+    """Save generation 1, then stop the save of generation 2 at its ``call``-th os.replace, as a
+    kill at that point would. Returns the model (at generation 2)."""
+    model = _bank_with_topic()
+    _set_generation(model, 1)
+    model.save_pretrained(directory)
+    _set_generation(model, 2)
     real, count = os.replace, [0]
 
     def replace(src, dst):
@@ -203,36 +208,31 @@ def _crash_on_replace(monkeypatch, call):
             raise KeyboardInterrupt("killed")
         return real(src, dst)
 
-    monkeypatch.setattr(folder.os, "replace", replace)
+    with monkeypatch.context() as mp:
+        mp.setattr(folder.os, "replace", replace)
+        with pytest.raises(KeyboardInterrupt):
+            model.save_pretrained(directory)
+    return model
 
 
 def test_killed_before_the_commit_leaves_the_previous_save(tmp_path, monkeypatch):
-    model = _bank_with_topic()
-    _set_generation(model, 1)
-    model.save_pretrained(tmp_path)
-    _set_generation(model, 2)
-    with monkeypatch.context() as mp:
-        _crash_on_replace(mp, 1)  # the first rename is the commit
-        with pytest.raises(KeyboardInterrupt):
-            model.save_pretrained(tmp_path)
+    model = _interrupted_save(tmp_path, monkeypatch, 1)  # the first rename is the commit
     assert _generation(sk.from_pretrained(tiny_bert(), tmp_path)) == 1
     # a kill leaves its temporaries: they are ignored, and the next save removes them
-    (tmp_path / f".{ADAPTER_NAME}{TEMP_MARK}0123456789ab").write_bytes(b"partial")
+    leftover = tmp_path / f".{ADAPTER_NAME}{TEMP_MARK}0123456789ab"
+    leftover.write_bytes(b"partial")
+    os.utime(leftover, (time.time() - 2 * 3600,) * 2)  # an hour old: no save in flight owns it
     assert _generation(sk.from_pretrained(tiny_bert(), tmp_path)) == 1
+    for name in os.listdir(tmp_path):  # what the interrupted save left aside, an hour ago too
+        if TEMP_MARK in name:
+            os.utime(tmp_path / name, (time.time() - 2 * 3600,) * 2)
     model.save_pretrained(tmp_path)
     assert not [n for n in os.listdir(tmp_path) if TEMP_MARK in n]
     assert _generation(sk.from_pretrained(tiny_bert(), tmp_path)) == 2
 
 
 def test_killed_after_the_commit_loads_the_new_save_and_heals(tmp_path, monkeypatch):
-    model = _bank_with_topic()
-    _set_generation(model, 1)
-    model.save_pretrained(tmp_path)
-    _set_generation(model, 2)
-    with monkeypatch.context() as mp:
-        _crash_on_replace(mp, 3)  # committed, one file renamed, the others still aside
-        with pytest.raises(KeyboardInterrupt):
-            model.save_pretrained(tmp_path)
+    _interrupted_save(tmp_path, monkeypatch, 3)  # committed, one file renamed, the others still aside
     assert [n for n in os.listdir(tmp_path) if TEMP_MARK in n]
     assert _generation(sk.from_pretrained(tiny_bert(), tmp_path)) == 2
     assert not [n for n in os.listdir(tmp_path) if TEMP_MARK in n]  # the renames were finished
