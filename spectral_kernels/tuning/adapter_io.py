@@ -405,8 +405,9 @@ def _check_base(af: AdapterFile, m: nn.Module, layers: dict[str, nn.Module], fin
     stored = {n: fp for n, fp in af.base.items() if n not in held}
     diff = compare_tensor_fingerprints(stored, {n: t for n, t in actual.items() if n in stored})
     if diff is not None:
-        raise AdapterMismatchError(f"{diff} (the adapter's trained tensors depend on the whole base, not only the "
-                                   "adapted layers)")
+        raise AdapterMismatchError(f"{diff}. The adapter was trained on top of the whole base, not only the adapted "
+                                   "layers; a head initialised at random when the base is built differs on every "
+                                   "build: train it (modules_to_save) so that the adapter holds it")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
