@@ -240,6 +240,18 @@ def test_killed_after_the_commit_loads_the_new_save_and_heals(tmp_path, monkeypa
     assert torch.all(held["classifier.weight"] == 2)
 
 
+def test_a_read_only_folder_killed_after_the_commit_is_read_where_it_lies(tmp_path, monkeypatch):
+    _interrupted_save(tmp_path, monkeypatch, 3)
+
+    def refuse(src, dst):
+        raise PermissionError(13, "read-only file system", dst)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(folder.os, "replace", refuse)
+        assert _generation(sk.from_pretrained(tiny_bert(), tmp_path)) == 2  # from the files left aside
+    assert [n for n in os.listdir(tmp_path) if TEMP_MARK in n]  # untouched
+
+
 def test_save_adapter_is_atomic(tmp_path, monkeypatch):
     model = _bank_with_topic()
     _set_generation(model, 1)
