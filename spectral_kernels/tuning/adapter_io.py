@@ -432,7 +432,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | 
         AdapterFileError: the file is damaged or edited (see :func:`read_adapter_file`).
         IsADirectoryError: ``path`` is an adapter folder (use from_pretrained).
     """
-    af = read_adapter_file(path)
+    return load_adapter_file(model, read_adapter_file(path), cache_dir=cache_dir, adapter=adapter, verbose=verbose)
+
+
+def load_adapter_file(model: nn.Module, af: AdapterFile, *, cache_dir: str | os.PathLike | None = None,
+                      adapter: str | None = None, verbose: bool = False) -> nn.Module:
+    """:func:`load_adapter` of a file :func:`read_adapter_file` has read and checked already."""
     config, layer_meta, tensors = af.config, af.layers, dict(af.tensors)
     m = unwrap(model)
     layers = spectral_layers(m)

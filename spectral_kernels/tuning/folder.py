@@ -59,7 +59,7 @@ from spectral_kernels.tuning.adapter_io import (
     _adapted_layers,
     _adapter_payload,
     _coefficient_ids,
-    load_adapter,
+    load_adapter_file,
     read_adapter_file,
     write_adapter_file,
 )
@@ -307,10 +307,10 @@ def from_pretrained(base_model: nn.Module, directory: str | os.PathLike, *,
         if diff:
             raise AdapterMismatchError(f"from_pretrained: the model is adapted with another config than the "
                                        f"folder's ({diff}); pass the unadapted base model")
-    load_adapter(base_model, read[DEFAULT_ADAPTER].path, cache_dir=cache_dir, adapter=DEFAULT_ADAPTER)
+    load_adapter_file(base_model, read[DEFAULT_ADAPTER], cache_dir=cache_dir, adapter=DEFAULT_ADAPTER)
     for name, af in read.items():
         if name != DEFAULT_ADAPTER:
-            load_adapter(base_model, af.path, adapter=name)
+            load_adapter_file(base_model, af, adapter=name)
     active = description.get("active_adapter")
     if active is not None and active != DEFAULT_ADAPTER:
         set_adapter(base_model, active)
