@@ -32,9 +32,10 @@ _EXPORTS = {
     "batched_truncated_svd": "spectral_kernels.ops.truncated_svd",
     "truncated_svd": "spectral_kernels.ops.truncated_svd",
     **{name: "spectral_kernels.tuning" for name in (
-        "AdapterMismatchError", "PureFormExportError", "SpectralConfig", "active_adapter", "adapt",
-        "adapter_batch", "adapter_parameters", "add_adapter", "delete_adapter", "export_peft",
-        "from_pretrained", "list_adapters", "load_adapter", "merge_adapter", "merge_and_unload", "param_groups", "print_trainable_parameters",
+        "AdapterFileError", "AdapterMismatchError", "PureFormExportError", "SpectralConfig",
+        "active_adapter", "adapt", "adapter_batch", "adapter_parameters", "add_adapter",
+        "delete_adapter", "export_peft", "from_pretrained", "list_adapters", "load_adapter",
+        "merge_adapter", "merge_and_unload", "param_groups", "print_trainable_parameters",
         "save_adapter", "save_merged", "save_pretrained", "set_adapter", "unload", "unmerge")},
 }
 
@@ -67,7 +68,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run
     from spectral_kernels.ops.spectral_linear import spectral_linear  # noqa: F401
     from spectral_kernels.ops.truncated_svd import SVDResult, batched_truncated_svd, truncated_svd  # noqa: F401
     from spectral_kernels.tuning import (  # noqa: F401
-        AdapterMismatchError, PureFormExportError, SpectralConfig, active_adapter, adapt, adapter_batch,
-        adapter_parameters, add_adapter, delete_adapter, export_peft, from_pretrained, list_adapters,
-        load_adapter, merge_adapter, merge_and_unload, param_groups, print_trainable_parameters,
-        save_adapter, save_merged, save_pretrained, set_adapter, unload, unmerge)
+        AdapterFileError, AdapterMismatchError, PureFormExportError, SpectralConfig, active_adapter,
+        adapt, adapter_batch, adapter_parameters, add_adapter, delete_adapter, export_peft,
+        from_pretrained, list_adapters, load_adapter, merge_adapter, merge_and_unload, param_groups,
+        print_trainable_parameters, save_adapter, save_merged, save_pretrained, set_adapter, unload,
+        unmerge)

@@ -5,7 +5,8 @@
     sk.save_pretrained(model, "run/adapter");  model = sk.from_pretrained(base_model, "run/adapter")
     model.merge_and_unload()   # peft's method names work on the adapted model (``peft_names``)
 
-Modules, bottom to top: ``config`` (SpectralConfig), ``fingerprints`` (base-weight fingerprints),
+Modules, bottom to top: ``config`` (SpectralConfig), ``safe_io`` (atomic writes, checksums),
+``fingerprints`` (base-weight fingerprints),
 ``inject`` (adapt), ``banks`` (named adapters, mixed-task batches), ``adapter_io`` (single-file
 adapters), ``merge``, ``optimizer`` (parameter groups), ``folder`` (adapter folders, transformers' save_pretrained and Trainer),
 ``export`` (peft LoRA folders for peft / vLLM / SGLang), ``merged_checkpoint`` (full merged checkpoints).
@@ -30,6 +31,7 @@ from spectral_kernels.tuning.banks import (
 from spectral_kernels.tuning.config import SpectralConfig
 from spectral_kernels.tuning.export import VLLM_LORA_RANKS, PureFormExportError, export_peft
 from spectral_kernels.tuning.fingerprints import fingerprint
+from spectral_kernels.tuning.safe_io import AdapterFileError
 from spectral_kernels.tuning.folder import from_pretrained, read_folder, save_pretrained
 from spectral_kernels.tuning.inject import (
     AdaptReport,
@@ -46,6 +48,7 @@ from spectral_kernels.tuning.peft_names import get_nb_trainable_parameters, merg
 
 __all__ = [
     "AdaptReport",
+    "AdapterFileError",
     "AdapterInfo",
     "AdapterMismatchError",
     "PureFormExportError",

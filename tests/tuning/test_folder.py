@@ -46,7 +46,7 @@ def test_folder_description(tmp_path):
     sk.save_pretrained(model, tmp_path)
     with open(tmp_path / CONFIG_NAME) as f:
         desc = json.load(f)
-    assert desc["format"] == "1" and desc["package_version"] == sk.__version__
+    assert desc["format"] == "2" and desc["package_version"] == sk.__version__
     assert desc["config"]["rank"] == 4 and desc["config"]["mode"] == "scale"
     assert desc["config"]["target_modules"] == ["query", "value"]
     assert sorted(desc["layers"]) == sorted(sk.tuning.spectral_layers(model))
