@@ -293,10 +293,7 @@ def export_peft(
     if unknown:
         raise ValueError(f"export_peft: no adapter {unknown[0]!r}; the model's adapters are {known}")
     names = list(dict.fromkeys(names))
-    for n in names:  # each becomes a sub-folder name: keep every write inside ``directory``
-        if n != DEFAULT_ADAPTER and (os.sep in n or (os.altsep and os.altsep in n) or os.path.isabs(n)):
-            raise ValueError(f"export_peft: adapter {n!r} cannot be exported: its name would be a sub-folder "
-                             f"name, and it holds a path separator (rename it with add_adapter / load_adapter)")
+    # each name becomes a sub-folder: adapter names hold no path separator (check_adapter_name)
     ranks = _export_ranks(layers, rank)
     directory = os.fspath(directory)
     folders = _folders(directory, names)
