@@ -245,6 +245,54 @@ def test_activation_checkpointing_recomputes_with_the_block(reentrant, where):
     assert _flags(model) == flags
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("between", ["block", "plain"])
+def test_checkpointed_forwards_of_several_blocks_recompute_each_with_its_own(reentrant, between):
+    """Gradient accumulation: a loss summed over two blocks' checkpointed forwards (or one block's,
+    with a forward outside any block in between) and one backward after them recomputes each
+    forward with the block it ran in, so the gradients equal a backward inside each block."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _three_tasks().double()
+    x1 = torch.randn(3, 13, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(3, 13, dtype=torch.float64, requires_grad=True)  # same size: a wrong block runs silently
+    second = ["a", "default", "a"]
+    with sk.adapter_batch(model, NAMES):
+        model(x1).pow(2).sum().backward()
+    if between == "block":
+        with sk.adapter_batch(model, second):
+            model(x2).pow(3).sum().backward()
+    want = _grads(model)
+    _clear(model)
+    flags = _flags(model)
+    with sk.adapter_batch(model, NAMES):
+        loss = checkpoint(model, x1, use_reentrant=reentrant).pow(2).sum()
+    if between == "block":
+        with sk.adapter_batch(model, second):
+            loss = loss + checkpoint(model, x2, use_reentrant=reentrant).pow(3).sum()
+    else:
+        with torch.no_grad():
+            model(x2)
+    loss.backward()
+    got = _grads(model)
+    for key, w in want.items():
+        assert (got[key] is None) == (w is None), key
+        if w is not None:
+            torch.testing.assert_close(got[key], w, rtol=1e-12, atol=1e-12)
+    assert _flags(model) == flags
+    # a checkpointed forward outside any block afterwards recomputes with the active adapter
+    _clear(model)
+    model(x1).pow(2).sum().backward()
+    want = _grads(model)
+    _clear(model)
+    checkpoint(model, x1, use_reentrant=reentrant).pow(2).sum().backward()
+    got = _grads(model)
+    for key, w in want.items():
+        assert (got[key] is None) == (w is None), key
+        if w is not None:
+            torch.testing.assert_close(got[key], w, rtol=1e-12, atol=1e-12)
+
+
 def test_a_copy_of_a_layer_is_in_no_block():
     import copy
 
@@ -252,7 +300,7 @@ def test_a_copy_of_a_layer_is_in_no_block():
     with torch.no_grad(), sk.adapter_batch(model, ["a", "b"]):
         model(torch.randn(2, 13))
         clone = copy.deepcopy(model)
-    assert all(layer._open_batches == 0 and layer._recorded_batch is None
+    assert all(layer._open_batches == 0 and layer._recorded_batch is None and layer._recorded_batches is None
                for layer in spectral_layers(clone).values())
     sk.add_adapter(clone, "c")  # not refused: no block is open on the copy
 
