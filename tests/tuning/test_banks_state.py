@@ -23,6 +23,13 @@ def _flags(model):
     return {n: p.requires_grad for n, p in model.named_parameters()}
 
 
+def _assert_same_grads(got, want):
+    for key, w in want.items():
+        assert (got[key] is None) == (w is None), key
+        if w is not None:
+            torch.testing.assert_close(got[key], w, rtol=1e-12, atol=1e-12)
+
+
 def _clear(model):
     for p in model.parameters():
         p.grad = None
@@ -237,11 +244,7 @@ def test_activation_checkpointing_recomputes_with_the_block(reentrant, where):
             loss.backward()
     if where == "after":
         loss.backward()
-    got = _grads(model)
-    for key, w in want.items():
-        assert (got[key] is None) == (w is None), key
-        if w is not None:
-            torch.testing.assert_close(got[key], w, rtol=1e-12, atol=1e-12)
+    _assert_same_grads(_grads(model), want)
     assert _flags(model) == flags
 
 
@@ -274,11 +277,7 @@ def test_checkpointed_forwards_of_several_blocks_recompute_each_with_its_own(ree
         with torch.no_grad():
             model(x2)
     loss.backward()
-    got = _grads(model)
-    for key, w in want.items():
-        assert (got[key] is None) == (w is None), key
-        if w is not None:
-            torch.testing.assert_close(got[key], w, rtol=1e-12, atol=1e-12)
+    _assert_same_grads(_grads(model), want)
     assert _flags(model) == flags
     # a checkpointed forward outside any block afterwards recomputes with the active adapter
     _clear(model)
@@ -286,11 +285,7 @@ def test_checkpointed_forwards_of_several_blocks_recompute_each_with_its_own(ree
     want = _grads(model)
     _clear(model)
     checkpoint(model, x1, use_reentrant=reentrant).pow(2).sum().backward()
-    got = _grads(model)
-    for key, w in want.items():
-        assert (got[key] is None) == (w is None), key
-        if w is not None:
-            torch.testing.assert_close(got[key], w, rtol=1e-12, atol=1e-12)
+    _assert_same_grads(_grads(model), want)
 
 
 def test_a_copy_of_a_layer_is_in_no_block():
