@@ -463,9 +463,11 @@ class _BatchAdapters:
     Each layer's n coefficient parameters are looked up once per block (:meth:`coefficients_of`),
     not once per forward: at 64 adapters the lookups cost more than the bank's own arithmetic."""
 
-    def __init__(self, names: list[str], batch_dim: int | None = None) -> None:
+    def __init__(self, names: list[str], batch_dim: int | None = None,
+                 layer_names: dict[int, str] | None = None) -> None:
         self.names = list(names)
         self.batch_dim = batch_dim
+        self._layer_names = dict(layer_names or {})  # id(layer) → its name in the model, for errors
         self.distinct = list(dict.fromkeys(self.names))
         row = {n: i for i, n in enumerate(self.distinct)}
         self._index = torch.tensor([row[n] for n in self.names], dtype=torch.int64)
@@ -495,26 +497,32 @@ class _BatchAdapters:
             params = self._coefficients[id(layer)] = [named[n] for n in self.distinct]
         return params
 
-    def _batch_dim_of(self, x: Tensor) -> int:
+    def _batch_dim_of(self, x: Tensor, layer: SpectralLinear) -> int:
         n, lead = len(self.names), tuple(x.shape[:-1])
+        name = self._layer_names.get(id(layer))
+        who = f"layer {name!r}" if name is not None else "a layer"
         if self.batch_dim is not None:
             if not self.batch_dim < len(lead) or lead[self.batch_dim] != n:
                 raise ValueError(
-                    f"adapter_batch was given {n} adapter names (one per sample) and batch_dim={self.batch_dim}, but a "
-                    f"layer got an input of shape {tuple(x.shape)} whose dim {self.batch_dim} is not the batch of {n} "
+                    f"adapter_batch was given {n} adapter names (one per sample) and batch_dim={self.batch_dim}, but "
+                    f"{who} got an input of shape {tuple(x.shape)} whose dim {self.batch_dim} is not the batch of {n} "
                     "(batch_dim counts the input's leading dims, the last one being the features)")
             return self.batch_dim
         if not lead or lead[0] != n:
             other = [i for i, size in enumerate(lead) if size == n]
             hint = f"; if dim {other[0]} is the batch (a model that is not batch-first), pass batch_dim={other[0]}" \
                 if other else ""
+            if not other and lead and lead[0] % n == 0:
+                hint = (f"; its first dim {lead[0]} is a multiple of {n}: a model that flattens [batch, seq] into one dim "
+                        "before this layer (OPT's fc1/fc2 do) cannot run one adapter per sample there; adapt layers "
+                        "that see the batch dim, or run each adapter's samples as their own batch")
             raise ValueError(
-                f"adapter_batch was given {n} adapter names (one per sample), but a layer got an input of shape "
+                f"adapter_batch was given {n} adapter names (one per sample), but {who} got an input of shape "
                 f"{tuple(x.shape)} whose first dim is not the batch of {n}{hint}")
         if len(self.distinct) > 1 and n in lead[1:]:
             dims = [i for i, size in enumerate(lead) if size == n]
             raise ValueError(
-                f"adapter_batch: ambiguous layout: a layer got an input of shape {tuple(x.shape)} whose dims {dims} "
+                f"adapter_batch: ambiguous layout: {who} got an input of shape {tuple(x.shape)} whose dims {dims} "
                 f"all have the batch size {n}, so the batch dim cannot be told from the sequence dim; pass "
                 "batch_dim= (0 for batch-first inputs [batch, seq, in], 1 for sequence-first [seq, batch, in])")
         return 0
@@ -524,7 +532,7 @@ class _BatchAdapters:
         forward is recomputed inside a backward after the block closed (activation checkpointing):
         the coefficients are held trainable until that backward ends, so the recomputed graph
         reaches them."""
-        dim = self._batch_dim_of(x)
+        dim = self._batch_dim_of(x, layer)
         params = self.coefficients_of(layer)
         if recompute and torch.is_grad_enabled():
             GRAD_HOLDS.hold(params)

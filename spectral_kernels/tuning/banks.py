@@ -190,7 +190,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str], *, batch_dim: int | No
         raise ValueError(f"adapter_batch: no adapter {unknown[0]!r}; the model's adapters are {known}")
     if any(layer.current_batch() is not None for layer in layers.values()):
         raise RuntimeError("adapter_batch: already inside an adapter_batch block of this model")
-    batch = _BatchAdapters(list(names), batch_dim)
+    batch = _BatchAdapters(list(names), batch_dim, {id(layer): n for n, layer in layers.items()})
     # every lookup before any state changes: a failure here leaves every layer and flag as it was
     params = [p for layer in layers.values() for p in batch.coefficients_of(layer)]
     GRAD_HOLDS.hold(params)

@@ -146,10 +146,19 @@ def test_sequence_first_inputs_take_an_explicit_batch_dim():
             model(x)
 
 
+def test_a_flattened_batch_is_refused_naming_the_layer():
+    """A model that flattens [batch, seq] into one dim before a layer (OPT's fc1/fc2) gives that
+    layer no batch dim: refused, naming the layer and why, never indexed by position."""
+    model = _three_tasks()
+    with pytest.raises(ValueError, match=r"layer 'fc1' got an input of shape \(6, 13\).*multiple of 3.*flattens"):
+        with torch.no_grad(), sk.adapter_batch(model, NAMES):
+            model(torch.randn(6, 13))
+
+
 def test_an_ambiguous_layout_is_refused():
     model = _three_tasks()
     x = torch.randn(3, 3, 13)  # seq == batch: batch-first or sequence-first cannot be told apart
-    with pytest.raises(ValueError, match=r"ambiguous layout.*dims \[0, 1\].*batch_dim="):
+    with pytest.raises(ValueError, match=r"ambiguous layout: layer 'fc1' got .*dims \[0, 1\].*batch_dim="):
         with torch.no_grad(), sk.adapter_batch(model, NAMES):
             model(x)
     for dim in (0, 1):
