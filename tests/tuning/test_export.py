@@ -282,12 +282,8 @@ def test_bad_input_is_refused_and_nothing_is_touched(tmp_path):
     with pytest.raises(ValueError, match="floating dtype"):
         sk.export_peft(model, tmp_path / "x", dtype=torch.int8)
     assert not (tmp_path / "x").exists() and not (tmp_path / "none").exists()
-    # an adapter name becomes a sub-folder name: one holding a path separator never enters a model
-    with pytest.raises(ValueError, match="add_adapter: an adapter name must be .*'a/b'"):
+    with pytest.raises(ValueError, match="letters, digits"):  # so no adapter's sub-folder leaves the folder
         sk.add_adapter(model, "a/b")
-    with pytest.raises(ValueError, match=r"no adapter 'a/b'"):
-        sk.export_peft(model, tmp_path / "x", adapter="a/b")
-    assert not (tmp_path / "x").exists()
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         sk.export_peft(model, tmp_path / "file")
