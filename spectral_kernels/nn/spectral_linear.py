@@ -23,6 +23,7 @@ bank path (d [n, k] and a per-sample adapter_index).
 """
 from __future__ import annotations
 
+import collections
 import contextvars
 import functools
 import re
@@ -85,8 +86,16 @@ class SpectralLinear(nn.Module):
     #: open, so a compiled forward outside blocks stays traceable
     _open_batches = 0
     #: the block of this layer's last forward, while that forward ran in one: a forward recomputed
-    #: inside a backward (activation checkpointing) after the block closed runs with it again
+    #: inside a backward (activation checkpointing) after the block closed, by a graph node that no
+    #: recorded block's span holds (a nested recompute), runs with it again
     _recorded_batch = None
+    #: the last blocks this layer ran in (a deque, created at the first one): a recompute runs with
+    #: the block whose span of autograd sequence numbers holds the node being backpropagated, so a
+    #: loss accumulated over several blocks (or a forward outside any block between) recomputes
+    #: each checkpointed forward with its own block
+    _recorded_batches = None
+    #: the end of the span of the newest block dropped from a full ``_recorded_batches``
+    _dropped_before = -1
 
     def __init__(
         self,
@@ -242,6 +251,8 @@ class SpectralLinear(nn.Module):
         state = self.__dict__.copy()
         state.pop("_open_batches", None)
         state.pop("_recorded_batch", None)
+        state.pop("_recorded_batches", None)
+        state.pop("_dropped_before", None)
         return state
 
     def current_batch(self) -> "_BatchAdapters | None":
@@ -250,14 +261,15 @@ class SpectralLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, recompute = self.current_batch(), False
-        if batch is None and self._recorded_batch is not None and not torch.compiler.is_compiling():
+        if batch is None and self._recorded_batches and not torch.compiler.is_compiling():
             if torch._C._current_graph_task_id() != -1:  # inside a backward: a checkpoint's recompute
-                batch, recompute = self._recorded_batch, True
+                batch = self._recomputed_batch()
+                recompute = batch is not None
             else:
                 self._recorded_batch = None
         if batch is not None:
             if self._recorded_batch is not batch:
-                self._recorded_batch = batch
+                self._record(batch)
             bank, index = batch.bank_and_index(self, x, recompute=recompute)
             # the index was built from adapter names, so its rows are valid by construction: no
             # read-back of its values (a device sync per layer on a GPU)
@@ -265,6 +277,41 @@ class SpectralLinear(nn.Module):
                                                     backend=self.backend)
         d = self.coefficient_delta().to(x.dtype)
         return spectral_linear(x, self.U, d, self.V, self.bias, self.weight, backend=self.backend)
+
+    #: how many blocks a layer remembers for checkpoint recomputes
+    RECORDED_BATCHES = 256
+
+    def _record(self, batch: "_BatchAdapters") -> None:
+        self._recorded_batch = batch
+        if self._recorded_batches is None:
+            self._recorded_batches = collections.deque()
+        if not self._recorded_batches or self._recorded_batches[-1] is not batch:
+            if len(self._recorded_batches) == self.RECORDED_BATCHES:
+                self._dropped_before = self._recorded_batches.popleft().span_end()
+            self._recorded_batches.append(batch)
+
+    def _recomputed_batch(self) -> "_BatchAdapters | None":
+        """The block a forward recomputed in the backward ran in: the recorded block whose span
+        holds the graph node being backpropagated (a checkpointed forward's recompute starts from
+        a node its original forward created), else the last recorded block where the last forward
+        outside a backward ran in one (a nested recompute), else None (no block)."""
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            seq = node._sequence_nr()
+            found = [b for b in self._recorded_batches if b.spans(seq)]
+            if len({(tuple(b.names), b.batch_dim) for b in found}) > 1:
+                raise RuntimeError(
+                    "adapter_batch: a forward recomputed in the backward (activation checkpointing) matches blocks "
+                    "with different adapter names (blocks opened in several threads at once); call backward() "
+                    "inside each adapter_batch block")
+            if found:
+                return found[-1]
+            if seq < self._dropped_before:
+                raise RuntimeError(
+                    f"adapter_batch: a forward recomputed in the backward (activation checkpointing) ran in a block "
+                    f"older than the last {self.RECORDED_BATCHES} blocks of this layer; call backward() more often "
+                    "(at least once per that many adapter_batch blocks)")
+        return self._recorded_batch
 
     @torch.no_grad()
     def merged_weight(self, adapter: str | None = None) -> Tensor:
@@ -337,6 +384,7 @@ _STATE_LOCK = threading.Lock()
 def open_batch(layers: Iterable[SpectralLinear], batch: "_BatchAdapters") -> None:
     """Make ``batch`` the block of ``layers`` in the calling thread/task."""
     layers = list(layers)
+    batch.start_span()
     with _STATE_LOCK:
         for layer in layers:
             layer._open_batches += 1
@@ -347,6 +395,8 @@ def close_batch(layers: Iterable[SpectralLinear]) -> None:
     """Undo :func:`open_batch` for ``layers`` in the calling thread/task."""
     layers = list(layers)
     ids = {id(layer) for layer in layers}
+    for batch in {id(b): b for i, b in _OPEN_BATCHES.get().items() if i in ids}.values():
+        batch.end_span()
     _OPEN_BATCHES.set({i: b for i, b in _OPEN_BATCHES.get().items() if i not in ids})
     with _STATE_LOCK:
         for layer in layers:
@@ -397,6 +447,13 @@ def _train_through_backward(params: list[nn.Parameter]):
     return hook
 
 
+def _next_sequence_nr() -> int:
+    """The autograd sequence number the calling thread's next graph node gets (a counter that
+    every node created in a forward increments)."""
+    with torch.enable_grad():
+        return torch.empty(0, requires_grad=True).view(0).grad_fn._sequence_nr() + 1
+
+
 class _BatchAdapters:
     """One adapter name per sample of a batch: builds the bank [n, k] of the distinct names (in
     first-appearance order) and the index, of shape [1, .., batch, .., 1] with the batch at the
@@ -406,14 +463,31 @@ class _BatchAdapters:
     Each layer's n coefficient parameters are looked up once per block (:meth:`coefficients_of`),
     not once per forward: at 64 adapters the lookups cost more than the bank's own arithmetic."""
 
-    def __init__(self, names: list[str], batch_dim: int | None = None) -> None:
+    def __init__(self, names: list[str], batch_dim: int | None = None,
+                 layer_names: dict[int, str] | None = None) -> None:
         self.names = list(names)
         self.batch_dim = batch_dim
+        self._layer_names = dict(layer_names or {})  # id(layer) → its name in the model, for errors
         self.distinct = list(dict.fromkeys(self.names))
         row = {n: i for i, n in enumerate(self.distinct)}
         self._index = torch.tensor([row[n] for n in self.names], dtype=torch.int64)
         self._on_device: dict[torch.device, Tensor] = {}
         self._coefficients: dict[int, list[nn.Parameter]] = {}
+        # the autograd sequence numbers of the graph nodes created while the block was open
+        self._span = [0, None]
+
+    def start_span(self) -> None:
+        self._span = [_next_sequence_nr(), None]
+
+    def end_span(self) -> None:
+        self._span[1] = _next_sequence_nr()
+
+    def span_end(self) -> int:
+        return self._span[1] if self._span[1] is not None else _next_sequence_nr()
+
+    def spans(self, seq: int) -> bool:
+        """Whether the graph node numbered ``seq`` was created while this block was open."""
+        return self._span[0] <= seq < self.span_end()
 
     def coefficients_of(self, layer: SpectralLinear) -> list[nn.Parameter]:
         """The distinct adapters' coefficient parameters of ``layer``, in bank-row order."""
@@ -423,26 +497,32 @@ class _BatchAdapters:
             params = self._coefficients[id(layer)] = [named[n] for n in self.distinct]
         return params
 
-    def _batch_dim_of(self, x: Tensor) -> int:
+    def _batch_dim_of(self, x: Tensor, layer: SpectralLinear) -> int:
         n, lead = len(self.names), tuple(x.shape[:-1])
+        name = self._layer_names.get(id(layer))
+        who = f"layer {name!r}" if name is not None else "a layer"
         if self.batch_dim is not None:
             if not self.batch_dim < len(lead) or lead[self.batch_dim] != n:
                 raise ValueError(
-                    f"adapter_batch was given {n} adapter names (one per sample) and batch_dim={self.batch_dim}, but a "
-                    f"layer got an input of shape {tuple(x.shape)} whose dim {self.batch_dim} is not the batch of {n} "
+                    f"adapter_batch was given {n} adapter names (one per sample) and batch_dim={self.batch_dim}, but "
+                    f"{who} got an input of shape {tuple(x.shape)} whose dim {self.batch_dim} is not the batch of {n} "
                     "(batch_dim counts the input's leading dims, the last one being the features)")
             return self.batch_dim
         if not lead or lead[0] != n:
             other = [i for i, size in enumerate(lead) if size == n]
             hint = f"; if dim {other[0]} is the batch (a model that is not batch-first), pass batch_dim={other[0]}" \
                 if other else ""
+            if not other and lead and lead[0] % n == 0:
+                hint = (f"; its first dim {lead[0]} is a multiple of {n}: a model that flattens [batch, seq] into one dim "
+                        "before this layer (OPT's fc1/fc2 do) cannot run one adapter per sample there; adapt layers "
+                        "that see the batch dim, or run each adapter's samples as their own batch")
             raise ValueError(
-                f"adapter_batch was given {n} adapter names (one per sample), but a layer got an input of shape "
+                f"adapter_batch was given {n} adapter names (one per sample), but {who} got an input of shape "
                 f"{tuple(x.shape)} whose first dim is not the batch of {n}{hint}")
         if len(self.distinct) > 1 and n in lead[1:]:
             dims = [i for i, size in enumerate(lead) if size == n]
             raise ValueError(
-                f"adapter_batch: ambiguous layout: a layer got an input of shape {tuple(x.shape)} whose dims {dims} "
+                f"adapter_batch: ambiguous layout: {who} got an input of shape {tuple(x.shape)} whose dims {dims} "
                 f"all have the batch size {n}, so the batch dim cannot be told from the sequence dim; pass "
                 "batch_dim= (0 for batch-first inputs [batch, seq, in], 1 for sequence-first [seq, batch, in])")
         return 0
@@ -452,7 +532,7 @@ class _BatchAdapters:
         forward is recomputed inside a backward after the block closed (activation checkpointing):
         the coefficients are held trainable until that backward ends, so the recomputed graph
         reaches them."""
-        dim = self._batch_dim_of(x)
+        dim = self._batch_dim_of(x, layer)
         params = self.coefficients_of(layer)
         if recompute and torch.is_grad_enabled():
             GRAD_HOLDS.hold(params)

@@ -169,7 +169,8 @@ def adapter_batch(model: nn.Module, names: Sequence[str], *, batch_dim: int | No
     trains them wherever backward() is called, inside the block or after it; each adapter gets
     only its own samples' gradient, adapters not named get none. A forward recomputed in the
     backward by activation checkpointing (torch.utils.checkpoint, reentrant or not) runs with the
-    block of the layer's last forward, also after the block closed. Not reentrant in one thread;
+    block its original forward ran in, also after the block closed and when a loss accumulated
+    over several blocks is backpropagated once. Not reentrant in one thread;
     add/set/delete_adapter are refused while a block is open on the model in any thread.
 
     Raises:
@@ -189,7 +190,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str], *, batch_dim: int | No
         raise ValueError(f"adapter_batch: no adapter {unknown[0]!r}; the model's adapters are {known}")
     if any(layer.current_batch() is not None for layer in layers.values()):
         raise RuntimeError("adapter_batch: already inside an adapter_batch block of this model")
-    batch = _BatchAdapters(list(names), batch_dim)
+    batch = _BatchAdapters(list(names), batch_dim, {id(layer): n for n, layer in layers.items()})
     # every lookup before any state changes: a failure here leaves every layer and flag as it was
     params = [p for layer in layers.values() for p in batch.coefficients_of(layer)]
     GRAD_HOLDS.hold(params)

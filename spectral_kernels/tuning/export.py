@@ -33,7 +33,9 @@ that ignore them still scale by ``lora_alpha / r = 1``, which is right for every
 
 Bias changes (``train_bias=True``) travel as peft writes them: ``bias="lora_only"`` and the trained
 bias of each adapted layer under ``base_model.model.{layer}.base_layer.bias``; ``modules_to_save``
-as ``modules_to_save`` in the config and their tensors under ``base_model.model.{module}.{param}``.
+as ``modules_to_save`` in the config and their tensors under ``base_model.model.{module}.{param}``
+(with every module tied to one of them, e.g. the input embedding of a tied ``lm_head``: training
+changed the shared tensor, and peft's copy of a module to save would untie it).
 peft loads both; vLLM and SGLang refuse adapters with a bias or with ``modules_to_save``, so the
 export warns, naming them. peft allows one adapter with a bias per model: in a bank, the bias goes
 with the first exported adapter ("default" when exported) only — the biases are shared by every
@@ -165,6 +167,19 @@ def _modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
     from spectral_kernels.tuning.inject import _match_modules_to_save
 
     return _match_modules_to_save(model, config)
+
+
+def _tied_partners(model: nn.Module, save_modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Modules outside ``save_modules`` holding one of their parameters (tied weights: a causal LM's
+    input embedding tied to its ``lm_head``). Training a module to save trained the shared tensor,
+    so its partner changed too; peft copies each module to save, which unties them, so the
+    partners travel as modules to save as well (adapted layers hold their own copy of W)."""
+    held = {id(p) for module in save_modules.values() for p in module.parameters()}
+    inside = tuple(f"{n}." for n in save_modules)
+    return {name: module for name, module in model.named_modules()
+            if name and name not in save_modules and not name.startswith(inside)
+            and not isinstance(module, SpectralLinear)
+            and any(id(p) in held for p in module.parameters(recurse=False))}
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -301,6 +316,7 @@ def export_peft(
 
     # everything that can fail is computed before the first file is written
     save_modules = _modules_to_save(m)
+    save_modules.update(_tied_partners(m, save_modules))
     # trained biases: train_bias in the config (a model frozen for inference since) or a trainable bias
     train_bias = getattr(getattr(m, CONFIG_ATTR, None), "train_bias", False)
     biased = {n: layer for n, layer in layers.items()
@@ -325,7 +341,8 @@ def export_peft(
     shared: dict[str, Tensor] = {}
     for name, module in save_modules.items():
         for key, t in module.state_dict().items():
-            shared[f"{PEFT_PREFIX}{name}.{key}"] = _full(t).cpu().contiguous()
+            # a copy each: tied modules share a tensor, which safetensors refuses to write twice
+            shared[f"{PEFT_PREFIX}{name}.{key}"] = _full(t).detach().cpu().clone()
     bias_tensors = {f"{PEFT_PREFIX}{n}.base_layer.bias": _full(layer.bias).cpu().contiguous()
                     for n, layer in biased.items()}
 

@@ -130,10 +130,13 @@ def unmerge(model: nn.Module) -> nn.Module:
     Nothing trained while merged is dropped: each dense layer's bias (trained or edited while
     merged) is copied into the spectral layer it goes back to. A dense weight changed while merged
     cannot be expressed by the adapter, so unmerge refuses (before changing any layer) when a
-    merged weight no longer equals W + U·diag(d)·Vᵀ of its layer.
+    merged weight no longer equals W + U·diag(d)·Vᵀ of its layer. A layer on a quantized base
+    goes back to that base untouched (its bias is frozen), so a merged quantized layer whose bias
+    changed is refused too.
 
     Raises:
-        ValueError: the model was not merged by merge_adapter, or a merged weight was changed.
+        ValueError: the model was not merged by merge_adapter, a merged weight was changed, or the
+            bias of a merged quantized layer was changed.
     """
     m = unwrap(model)
     stash = getattr(m, MERGED_ATTR, None)
@@ -142,7 +145,9 @@ def unmerge(model: nn.Module) -> nn.Module:
     adapters = getattr(m, MERGED_ADAPTER_ATTR, None) or {}
     dense_layers = {name: m.get_submodule(name) for name in stash}
     for name, layer in stash.items():  # every check first: a refusal leaves the model merged, untouched
-        if not isinstance(layer, QuantizedSpectralLinear):
+        if isinstance(layer, QuantizedSpectralLinear):
+            _check_quantized_unchanged(name, layer, dense_layers[name])
+        else:
             _check_weight_unchanged(name, layer, dense_layers[name], adapters.get(name))
     for name, layer in stash.items():
         dense = dense_layers[name]
@@ -165,6 +170,19 @@ def _check_weight_unchanged(name: str, layer: SpectralLinear, dense: nn.Module, 
             f"unmerge: the merged weight of layer {name!r} was changed after merge_adapter (it no longer equals "
             "W + U·diag(d)·Vᵀ of the adapter), and the adapter cannot hold that change: unmerge would lose it. "
             "Keep the merged model (save it as a full checkpoint), or put the merged weight back first")
+
+
+def _check_quantized_unchanged(name: str, layer: QuantizedSpectralLinear, dense: nn.Module) -> None:
+    """A quantized base goes back untouched (its bias is frozen: train_bias is refused there), so a
+    merged quantized layer whose bias changed while merged would lose that change. (Its weight is
+    not compared: re-quantizing is not bit-reproducible for every quantizer.)"""
+    base_bias, bias = getattr(layer.base, "bias", None), getattr(dense, "bias", None)
+    if (base_bias is None) != (bias is None) or (bias is not None and not torch.equal(
+            bias.detach().to(device=base_bias.device, dtype=base_bias.dtype), base_bias)):
+        raise ValueError(
+            f"unmerge: the bias of layer {name!r} (a quantized base) was changed after merge_adapter; the quantized "
+            "base and its bias stay frozen under the adapter, so unmerge would lose that change. Keep the merged "
+            "model, or put the bias back first")
 
 
 @torch.no_grad()

@@ -23,6 +23,13 @@ def _flags(model):
     return {n: p.requires_grad for n, p in model.named_parameters()}
 
 
+def _assert_same_grads(got, want):
+    for key, w in want.items():
+        assert (got[key] is None) == (w is None), key
+        if w is not None:
+            torch.testing.assert_close(got[key], w, rtol=1e-12, atol=1e-12)
+
+
 def _clear(model):
     for p in model.parameters():
         p.grad = None
@@ -139,10 +146,19 @@ def test_sequence_first_inputs_take_an_explicit_batch_dim():
             model(x)
 
 
+def test_a_flattened_batch_is_refused_naming_the_layer():
+    """A model that flattens [batch, seq] into one dim before a layer (OPT's fc1/fc2) gives that
+    layer no batch dim: refused, naming the layer and why, never indexed by position."""
+    model = _three_tasks()
+    with pytest.raises(ValueError, match=r"layer 'fc1' got an input of shape \(6, 13\).*multiple of 3.*flattens"):
+        with torch.no_grad(), sk.adapter_batch(model, NAMES):
+            model(torch.randn(6, 13))
+
+
 def test_an_ambiguous_layout_is_refused():
     model = _three_tasks()
     x = torch.randn(3, 3, 13)  # seq == batch: batch-first or sequence-first cannot be told apart
-    with pytest.raises(ValueError, match=r"ambiguous layout.*dims \[0, 1\].*batch_dim="):
+    with pytest.raises(ValueError, match=r"ambiguous layout: layer 'fc1' got .*dims \[0, 1\].*batch_dim="):
         with torch.no_grad(), sk.adapter_batch(model, NAMES):
             model(x)
     for dim in (0, 1):
@@ -237,12 +253,48 @@ def test_activation_checkpointing_recomputes_with_the_block(reentrant, where):
             loss.backward()
     if where == "after":
         loss.backward()
-    got = _grads(model)
-    for key, w in want.items():
-        assert (got[key] is None) == (w is None), key
-        if w is not None:
-            torch.testing.assert_close(got[key], w, rtol=1e-12, atol=1e-12)
+    _assert_same_grads(_grads(model), want)
     assert _flags(model) == flags
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("between", ["block", "plain"])
+def test_checkpointed_forwards_of_several_blocks_recompute_each_with_its_own(reentrant, between):
+    """Gradient accumulation: a loss summed over two blocks' checkpointed forwards (or one block's,
+    with a forward outside any block in between) and one backward after them recomputes each
+    forward with the block it ran in, so the gradients equal a backward inside each block."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _three_tasks().double()
+    x1 = torch.randn(3, 13, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(3, 13, dtype=torch.float64, requires_grad=True)  # same size: a wrong block runs silently
+    second = ["a", "default", "a"]
+    with sk.adapter_batch(model, NAMES):
+        model(x1).pow(2).sum().backward()
+    if between == "block":
+        with sk.adapter_batch(model, second):
+            model(x2).pow(3).sum().backward()
+    want = _grads(model)
+    _clear(model)
+    flags = _flags(model)
+    with sk.adapter_batch(model, NAMES):
+        loss = checkpoint(model, x1, use_reentrant=reentrant).pow(2).sum()
+    if between == "block":
+        with sk.adapter_batch(model, second):
+            loss = loss + checkpoint(model, x2, use_reentrant=reentrant).pow(3).sum()
+    else:
+        with torch.no_grad():
+            model(x2)
+    loss.backward()
+    _assert_same_grads(_grads(model), want)
+    assert _flags(model) == flags
+    # a checkpointed forward outside any block afterwards recomputes with the active adapter
+    _clear(model)
+    model(x1).pow(2).sum().backward()
+    want = _grads(model)
+    _clear(model)
+    checkpoint(model, x1, use_reentrant=reentrant).pow(2).sum().backward()
+    _assert_same_grads(_grads(model), want)
 
 
 def test_a_copy_of_a_layer_is_in_no_block():
@@ -252,7 +304,7 @@ def test_a_copy_of_a_layer_is_in_no_block():
     with torch.no_grad(), sk.adapter_batch(model, ["a", "b"]):
         model(torch.randn(2, 13))
         clone = copy.deepcopy(model)
-    assert all(layer._open_batches == 0 and layer._recorded_batch is None
+    assert all(layer._open_batches == 0 and layer._recorded_batch is None and layer._recorded_batches is None
                for layer in spectral_layers(clone).values())
     sk.add_adapter(clone, "c")  # not refused: no block is open on the copy
 

@@ -163,6 +163,21 @@ def test_bias_and_modules_to_save_travel_as_peft_writes_them(tmp_path):
     assert _rel(_logits(_peft(base, tmp_path), x), want) < 1e-5
 
 
+def test_a_module_to_save_tied_to_the_input_embedding_travels_with_it(tmp_path):
+    """GPT-2's lm_head is tied to its token embedding: training lm_head as a module to save changes
+    both, so peft (which copies a module to save, untying it) must get both."""
+    base, model = _adapted("gpt2", "scale", modules_to_save=["lm_head"])
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape) * 0.3)
+    x = tokens(seed=6)
+    want = _logits(model, x)
+    _export(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head", "transformer.wte"]
+    assert _rel(_logits(_peft(base, tmp_path), x), want) < 1e-5
+
+
 def test_bias_of_a_bank_goes_with_one_adapter(tmp_path):
     base2, model2 = _adapted("bert", "scale", train_bias=True)
     sk.add_adapter(model2, "b")

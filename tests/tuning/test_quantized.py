@@ -233,6 +233,28 @@ def test_merge_requantizes_and_warns_with_the_error(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_unmerge_refuses_a_quantized_layer_changed_while_merged(kind):
+    """The quantized base goes back untouched, so a bias edited while merged would be lost:
+    unmerge refuses, naming the layer, and leaves the model merged."""
+    model = sk.adapt(quantized_net(kind), sk.SpectralConfig(**CFG))
+    _train(model, steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.merge_adapter(model)
+    merged_up, merged_down = model.up, model.down
+    bias = merged_up.bias.detach().clone()
+    with torch.no_grad():
+        merged_up.bias.add_(1.0)
+    with pytest.raises(ValueError, match=r"bias of layer 'up' \(a quantized base\) was changed"):
+        sk.unmerge(model)
+    assert model.up is merged_up and model.down is merged_down  # still merged, untouched
+    with torch.no_grad():
+        merged_up.bias.copy_(bias)
+    sk.unmerge(model)
+    assert isinstance(model.up, QuantizedSpectralLinear) and isinstance(model.down, QuantizedSpectralLinear)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_unload_returns_the_quantized_module_itself(kind):
     model = quantized_net(kind)
     up, down = model.up, model.down
