@@ -411,7 +411,7 @@ def _check_base(af: AdapterFile, m: nn.Module, layers: dict[str, nn.Module], fin
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                 adapter: str | None = None, verbose: bool = False) -> nn.Module:
+                 adapter: str | None = None, verbose: bool = False, distributed: bool | None = None) -> nn.Module:
     """Load an adapter file into ``model`` and return it.
 
     The file is checked first (:func:`read_adapter_file`). A model that is not adapted yet is then
@@ -426,17 +426,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | 
     adapter; a missing name is added to every layer). A slot other than "default" takes
     coefficients only (module docstring).
 
+    ``distributed`` is passed to :func:`adapt` when the model is adapted here: False computes every
+    SVD on this rank even under ``SPECTRAL_KERNELS_SVD_DISTRIBUTED=1`` (a load on one rank of a
+    distributed job); None follows that variable.
+
     Raises:
         AdapterMismatchError: another base (weights, biases, other parameters), rank, mode, form,
             LoRA rank or set of layers; the message names the layer or parameter and what differs.
         AdapterFileError: the file is damaged or edited (see :func:`read_adapter_file`).
         IsADirectoryError: ``path`` is an adapter folder (use from_pretrained).
     """
-    return load_adapter_file(model, read_adapter_file(path), cache_dir=cache_dir, adapter=adapter, verbose=verbose)
+    return load_adapter_file(model, read_adapter_file(path), cache_dir=cache_dir, adapter=adapter, verbose=verbose,
+                             distributed=distributed)
 
 
 def load_adapter_file(model: nn.Module, af: AdapterFile, *, cache_dir: str | os.PathLike | None = None,
-                      adapter: str | None = None, verbose: bool = False) -> nn.Module:
+                      adapter: str | None = None, verbose: bool = False,
+                      distributed: bool | None = None) -> nn.Module:
     """:func:`load_adapter` of a file :func:`read_adapter_file` has read and checked already."""
     config, layer_meta, tensors = af.config, af.layers, dict(af.tensors)
     m = unwrap(model)
@@ -451,7 +457,7 @@ def load_adapter_file(model: nn.Module, af: AdapterFile, *, cache_dir: str | os.
             basis = {n: tuple(t.to(base_weight(targets[n]).device) for t in f) for n, f in basis.items()}
         if cache_dir is not None:
             config = dataclasses.replace(config, svd_cache_dir=os.fspath(cache_dir))
-        adapt(m, config, factors=basis, verbose=verbose)
+        adapt(m, config, factors=basis, verbose=verbose, distributed=distributed)
         layers = spectral_layers(m)
     else:
         _check_names(set(layers), set(layer_meta))

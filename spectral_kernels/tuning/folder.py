@@ -269,7 +269,7 @@ def folder_files(directory: str | os.PathLike, description: dict[str, Any]) -> d
 
 
 def from_pretrained(base_model: nn.Module, directory: str | os.PathLike, *,
-                    cache_dir: str | os.PathLike | None = None) -> nn.Module:
+                    cache_dir: str | os.PathLike | None = None, distributed: bool | None = None) -> nn.Module:
     """Rebuild an adapted model from its base and an adapter folder; returns ``base_model`` adapted,
     with every adapter of the folder, and the folder's active adapter active.
 
@@ -279,6 +279,8 @@ def from_pretrained(base_model: nn.Module, directory: str | os.PathLike, *,
     config (the SVD comes from the cache when ``cache_dir`` — else the config's ``svd_cache_dir``,
     else ``SPECTRAL_KERNELS_SVD_CACHE`` — holds it, or from the stored basis), and the trained
     tensors are loaded. An already adapted base must have been adapted with the same config.
+    ``distributed`` goes to :func:`adapt`: False computes every SVD on this rank whatever
+    ``SPECTRAL_KERNELS_SVD_DISTRIBUTED`` says, so one rank of a distributed job can load alone.
 
     Raises:
         FileNotFoundError: not an adapter folder.
@@ -307,7 +309,8 @@ def from_pretrained(base_model: nn.Module, directory: str | os.PathLike, *,
         if diff:
             raise AdapterMismatchError(f"from_pretrained: the model is adapted with another config than the "
                                        f"folder's ({diff}); pass the unadapted base model")
-    load_adapter_file(base_model, read[DEFAULT_ADAPTER], cache_dir=cache_dir, adapter=DEFAULT_ADAPTER)
+    load_adapter_file(base_model, read[DEFAULT_ADAPTER], cache_dir=cache_dir, adapter=DEFAULT_ADAPTER,
+                      distributed=distributed)
     for name, af in read.items():
         if name != DEFAULT_ADAPTER:
             load_adapter_file(base_model, af, adapter=name)

@@ -93,8 +93,9 @@ def test_assignment_is_balanced_and_deterministic():
     assert max(load) - min(load) <= 64 * 64 * 3
 
 
-def _rank0_only_worker(rank: int, port: int, folder: str, out_dir: str) -> None:
-    """Rank 0 alone reloads the adapter (as after a DDP job) while rank 1 already waits in a barrier."""
+def _rank0_only_worker(rank: int, port: int, folder: str, out_dir: str, env_opt_in: bool) -> None:
+    """Rank 0 alone reloads the adapter (as after a DDP job) while rank 1 already waits in a barrier;
+    with ``env_opt_in`` the job opted in through the variable and the load says distributed=False."""
     import datetime
 
     import spectral_kernels as sk
@@ -102,11 +103,13 @@ def _rank0_only_worker(rank: int, port: int, folder: str, out_dir: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.pop("SPECTRAL_KERNELS_SVD_DISTRIBUTED", None)
+    if env_opt_in:
+        os.environ["SPECTRAL_KERNELS_SVD_DISTRIBUTED"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         if rank == 0:
-            model = sk.from_pretrained(tiny_bert(), folder)
+            model = sk.from_pretrained(tiny_bert(), folder, distributed=False if env_opt_in else None)
             with torch.no_grad():
                 torch.save(model(tokens()).logits, os.path.join(out_dir, "logits.pt"))
         dist.barrier()
@@ -115,7 +118,8 @@ def _rank0_only_worker(rank: int, port: int, folder: str, out_dir: str) -> None:
 
 
 @needs_gloo
-def test_a_load_on_one_rank_does_not_wait_on_the_others(tmp_path):
+@pytest.mark.parametrize("env_opt_in", [False, True], ids=["default", "variable-set-distributed-False"])
+def test_a_load_on_one_rank_does_not_wait_on_the_others(tmp_path, env_opt_in):
     import time
 
     import spectral_kernels as sk
@@ -128,7 +132,8 @@ def test_a_load_on_one_rank_does_not_wait_on_the_others(tmp_path):
         want = model(tokens()).logits
     sk.save_pretrained(model, tmp_path / "run")
     start = time.monotonic()
-    mp.spawn(_rank0_only_worker, args=(_free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank0_only_worker, args=(_free_port(), str(tmp_path / "run"), str(tmp_path), env_opt_in), nprocs=WORLD,
+             join=True)
     assert time.monotonic() - start < 60  # a collective on rank 0 alone would have waited out the timeout
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-4, atol=1e-5)
 
