@@ -366,6 +366,13 @@ def bench_llama_layer(F: Factors, spectrum: str, k: int, reps: int) -> dict:
             "loadavg_before": load0, "loadavg_after": loadavg()}
 
 
+def checkpoint(args, out: dict) -> None:
+    """Write the results so far (a long run on a busy machine keeps what it measured)."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**out, "partial": True}, indent=2) + "\n")
+
+
 def run_llm(args) -> dict:
     torch.set_num_threads(args.threads)
     F = Factors()
@@ -384,12 +391,14 @@ def run_llm(args) -> dict:
     for (m, n), k, sp in plan:
         case = bench_llm_case(F, m, n, k, sp, args.reps, args.quick)
         out["cases"].append(case)
+        checkpoint(args, out)
         print(f"{case['case']:>22} k={k:<3} ours {case['rows']['truncated_svd(auto)']['time_s']:.3f}s "
               f"tuned lowrank {case['tuned_lowrank']} speedup {case.get('speedup_vs_tuned_lowrank', float('nan')):.2f} "
               f"contract {case['rows']['truncated_svd(auto)']['contract_met']} load {case['loadavg_after']}",
               file=sys.stderr, flush=True)
     for sp in (("power",) if args.quick else ("power", "flat")):
         out["llama_layer"].append(bench_llama_layer(F, sp, 16, max(1, args.reps // 2)))
+        checkpoint(args, out)
         print(json.dumps(out["llama_layer"][-1]), file=sys.stderr, flush=True)
     if not args.quick:
         A, s = F.matrix(4096, 4096, "power0.3")

@@ -75,7 +75,7 @@ import torch
 from torch import Tensor
 
 from spectral_kernels.ops._checks import FLOAT_DTYPES
-from spectral_kernels.ops._orthonormalize import orthonormalize
+from spectral_kernels.ops._orthonormalize import num_threads, orthonormalize, small_lapack
 
 METHODS = ("auto", "exact", "gram", "randomized")
 
@@ -209,13 +209,15 @@ def _small_svd(R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     (24×48×48: 2.7 ms vs 5.8 ms). In float64 the squaring costs ε₆₄·(σ₁/σᵢ)², far below float32
     rounding while σₗ ≥ 1e-4·σ₁; below that (or for zero columns) the batch takes the SVD.
     """
-    lam, Ur = torch.linalg.eigh(R @ R.transpose(-2, -1))
+    with small_lapack(R):
+        lam, Ur = torch.linalg.eigh(R @ R.transpose(-2, -1))
     lam, Ur = lam.flip(-1), Ur.flip(-1)
     S = lam.clamp_min(0).sqrt()
     if bool((S[..., -1] > 1e-4 * S[..., 0]).all()):
         Wr = (R.transpose(-2, -1) @ Ur) / S[..., None, :]
         return Ur, S, Wr
-    Ur, S, Wrh = torch.linalg.svd(R, full_matrices=False)
+    with small_lapack(R):
+        Ur, S, Wrh = torch.linalg.svd(R, full_matrices=False)
     return Ur, S, Wrh.transpose(-2, -1)
 
 
@@ -366,12 +368,31 @@ def _block_krylov(
     stable Rayleigh-Ritz on the final basis: C = Q·R (CholeskyQR2), R = Ur·diag(S)·Wᵀ, U = Q·Ur,
     V·W, so A·V = U·diag(S) and UᵀU = I to rounding. Returns ((U, S, V), converged [B], steps run).
     """
+    nthreads = torch.get_num_threads()
+    # the step's small work (b- and s·b-wide products, the test's eigenproblem, elementwise ops)
+    # runs on one thread, only the passes over A and products above ~5e7 flops on all of them:
+    # see small_lapack (on a loaded 2-core machine each small threaded op stalled 10-30 ms)
+    with small_lapack(A):
+        return _block_krylov_steps(A, k, b, omega, max_steps, tol, s_out_index, budget_check, nthreads)
+
+
+def _par(A: Tensor, flops: float, nthreads: int):
+    """All ``nthreads`` threads for work of ``flops``, one below 5e7 (see :func:`_block_krylov`)."""
+    return num_threads(nthreads if flops > 5e7 else 1, A)
+
+
+def _block_krylov_steps(
+    A: Tensor, k: int, b: int, omega: Tensor, max_steps: int, tol: float, s_out_index: int,
+    budget_check: bool, nthreads: int,
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, int]:
+    """The body of :func:`_block_krylov`, entered on one thread."""
     Bn, m, n = A.shape
     dt = A.dtype
     At = A.transpose(-2, -1)
     # fp32 norm: 30× cheaper than a float64 pass over A (0.3 s at 11008×4096); its ~1e-7 relative
     # error matters only when the residual is a tiny part of ‖A‖, then it is redone in float64
-    normA2 = torch.linalg.vector_norm(A, dim=(-2, -1)).to(torch.float64) ** 2
+    with _par(A, 1e9, nthreads):
+        normA2 = torch.linalg.vector_norm(A, dim=(-2, -1)).to(torch.float64) ** 2
     exact_norm = False
     width = max_steps * b
     Vall = A.new_empty(Bn, n, width)
@@ -388,23 +409,30 @@ def _block_krylov(
         j0, j1 = step * b, (step + 1) * b
         step += 1
         Vall[..., j0:j1] = Vb
-        C[..., j0:j1] = _mm(A, Vb)
-        Zall[..., j0:j1] = _mm(At, C[..., j0:j1])
+        with _par(A, 1e9, nthreads):
+            C[..., j0:j1] = _mm(A, Vb)
+            Zall[..., j0:j1] = _mm(At, C[..., j0:j1])
         # the test from the first basis holding l vectors; once the s·b eigenproblem is no longer
         # small next to the two GEMMs, only every few steps
         if j1 > s_out_index and (j1 <= 512 or step % (j1 // 512 + 1) == 0 or step == max_steps):
-            Vj, Zj = Vall[..., :j1].to(torch.float64), Zall[..., :j1].to(torch.float64)
-            G = Vj.transpose(-2, -1) @ Zj
-            lam, W = torch.linalg.eigh((G + G.transpose(-2, -1)) / 2)
+            # the Gram in the working precision (its rounding, ~√n·ε·σ₁², is far below what the
+            # test resolves), its eigenproblem in float64
+            Vj, Zj = Vall[..., :j1], Zall[..., :j1]
+            with _par(A, 2.0 * Bn * n * j1 * j1, nthreads):
+                G = (Vj.transpose(-2, -1) @ Zj).to(torch.float64)
+            with small_lapack(G):
+                lam, W = torch.linalg.eigh((G + G.transpose(-2, -1)) / 2)
             lam, W = lam.flip(-1), W.flip(-1)
             S_all = lam.clamp_min(0).sqrt()
             Sk, Wk = S_all[..., :k], W[..., :k]
             if not exact_norm and bool(((normA2 - (Sk ** 2).sum(-1)) < 1e-2 * normA2).any()):
-                normA2 = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64) ** 2
+                with _par(A, 1e9, nthreads):
+                    normA2 = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64) ** 2
                 exact_norm = True
-            V = Vj @ Wk
-            AtU = Zj @ (Wk / Sk.clamp_min(tiny)[..., None, :])
-            err = _convergence_error(AtU, Sk, V, S_all[..., s_out_index:s_out_index + 1], normA2,
+            with _par(A, 4.0 * Bn * n * j1 * k, nthreads):
+                V = Vj @ Wk.to(dt)
+                AtU = Zj @ (Wk / Sk.clamp_min(tiny)[..., None, :]).to(dt)
+            err = _convergence_error(AtU, Sk.to(dt), V, S_all[..., s_out_index:s_out_index + 1], normA2,
                                      tol * _KRYLOV_SAFETY)
             # values at the Gram's rounding floor: Aᵀ·U is not known this way, leave it to the fallback
             err = torch.where(Sk[..., -1] > 1e-2 * Sk[..., 0], err, torch.full_like(err, math.inf))
@@ -420,10 +448,12 @@ def _block_krylov(
                 break
             prev_err = err
         if step < max_steps:
-            Vb, _ = orthonormalize(_project_out(Vall[..., :j1], Zall[..., j0:j1]))
+            with _par(A, 8.0 * Bn * n * j1 * b, nthreads):
+                Vb, _ = orthonormalize(_project_out(Vall[..., :j1], Zall[..., j0:j1]))
             # a block that lost rank (the Krylov space is nearly invariant) gets Householder
-            # columns that are not orthogonal to the basis: project once more
-            Vb, _ = orthonormalize(_project_out(Vall[..., :j1], Vb))
+            # columns that are not orthogonal to the basis: project once more (rare, so checked)
+            if bool(((Vall[..., :j1].transpose(-2, -1) @ Vb).abs().amax() > 1e-4)):
+                Vb, _ = orthonormalize(_project_out(Vall[..., :j1], Vb))
     # each converged matrix gets the Ritz triplets of the basis it passed the test with (a prefix
     # of the final one); the others those of the whole basis (they go to the fallback anyway)
     stop_at = torch.where(done, stop_at, step)
@@ -431,11 +461,13 @@ def _block_krylov(
     for s_stop in stop_at.unique().tolist():
         idx = (stop_at == s_stop).nonzero().flatten()
         w = s_stop * b
-        Q, R = orthonormalize(C[idx, :, :w])
-        Ur, Sr, Wr = _small_svd(R)
-        U[idx] = Q @ Ur[..., :k].to(dt)
-        S[idx] = Sr[..., :k].to(dt)
-        V[idx] = Vall[idx, :, :w] @ Wr[..., :k].to(dt)
+        sub = slice(None) if Bn == 1 else idx
+        with _par(A, 1e9, nthreads):
+            Q, R = orthonormalize(C[sub, :, :w])
+            Ur, Sr, Wr = _small_svd(R)
+            U[idx] = Q @ Ur[..., :k].to(dt)
+            S[idx] = Sr[..., :k].to(dt)
+            V[idx] = Vall[sub, :, :w] @ Wr[..., :k].to(dt)
     return (U, S, V), done, step
 
 
