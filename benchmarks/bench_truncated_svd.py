@@ -424,13 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.llm:
         if args.reps == 15:  # the default of the small cases: fewer rounds at these sizes
             args.reps = 3 if args.quick else 5
-        results = run_llm(args)
-        text = json.dumps(results, indent=2)
-        print(text)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(text + "\n")
-        return 0
+        return write_results(args, run_llm(args))
 
     results = {
         "benchmark": "truncated_svd",
@@ -463,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         "minilm_36_k32_speedup_vs_looped_linalg_svd": minilm.get("speedup_vs_linalg_svd"),
         "minilm_goal_2x_met": (minilm.get("speedup_vs_linalg_svd") or 0) >= 2 and minilm.get("contract_met", False),
     }
+    return write_results(args, results)
+
+
+def write_results(args, results: dict) -> int:
+    """Print the results as JSON and write them to --json if given."""
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

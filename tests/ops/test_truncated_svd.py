@@ -552,3 +552,13 @@ def test_non_finite_found_when_the_norm_overflows():
     big[3, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         tsvd._check_input(big, 2)
+
+
+def test_krylov_route_steep_spectrum(monkeypatch):
+    # σ_k < 1e-2·σ_1: the test's squared Gram cannot resolve σ_k, the stable Rayleigh-Ritz takes over
+    fallback = _spy(monkeypatch, "_gram_refined")
+    r = 900
+    A = with_spectrum(1300, r, torch.arange(1, r + 1, dtype=torch.float64) ** -1.5, seed=3)
+    res = truncated_svd(A, 40)
+    assert fallback == []
+    assert_contract(A, 40, res, "steep power law")
