@@ -562,3 +562,15 @@ def test_krylov_route_steep_spectrum(monkeypatch):
     res = truncated_svd(A, 40)
     assert fallback == []
     assert_contract(A, 40, res, "steep power law")
+
+
+def test_batched_progress_bar_on_stderr_when_asked(capsys):
+    mats = {"a": torch.randn(30, 20), "b": torch.randn(30, 20), "c": torch.randn(20, 40)}
+    batched_truncated_svd(mats, 3, progress=True)
+    err = capsys.readouterr().err
+    assert "truncated SVD" in err and "3/3" in err, err
+    batched_truncated_svd(mats, 3, progress=False)
+    assert capsys.readouterr().err == ""
+    # default: quiet for a run shorter than PROGRESS_DELAY_S
+    batched_truncated_svd(mats, 3)
+    assert "truncated SVD" not in capsys.readouterr().err
