@@ -28,7 +28,7 @@ def cache_key(A: Tensor, options: dict[str, Any]) -> str:
     h.update(repr((tuple(A.shape), str(A.dtype), sorted(options.items()))).encode())
     data = A.detach().contiguous().cpu()
     # hash the raw bytes: bfloat16 has no numpy dtype, so view as bytes through uint8
-    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(data.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
     return h.hexdigest()
 
 
