@@ -51,7 +51,8 @@ unchecked float32 result:
   floor (≤ 64·ε·‖A‖_F) passes.
 
 Accuracy contract (method="auto", default options; tested in tests/ops/test_truncated_svd.py on
-decaying, flat and near-flat synthetic spectra and on MiniLM-L6 weights): top-k singular values
+decaying, flat and near-flat synthetic spectra, on the block Krylov route with odd and wide
+shapes, and on MiniLM-L6 weights): top-k singular values
 within 1e-3 relative, ‖A − U·diag(S)·Vᵀ‖_F ≤ 1.001 × the optimal rank-k error, ‖UᵀU − I‖ and
 ‖VᵀV − I‖ ≤ 1e-5 (max entry) in float32.
 
@@ -609,7 +610,7 @@ def truncated_svd(
         oversample: extra sketch columns p of the randomized iteration (default max(16, k/2),
             capped at n − k).
         n_iter: "randomized": number of iterations (default 4; with tol: the cap, default 64);
-            "auto": a cap on the randomized iterations before the Gram route takes over.
+            "auto": a cap on the block Krylov steps before the Gram route takes over.
         tol: "randomized": run the convergence test at this relative tolerance;
             "auto": the tolerance of its test (default 1e-3, the accuracy contract).
         method: "auto" | "exact" | "gram" | "randomized" (see the module docstring).
