@@ -366,11 +366,42 @@ def bench_llama_layer(F: Factors, spectrum: str, k: int, reps: int) -> dict:
             "loadavg_before": load0, "loadavg_after": loadavg()}
 
 
+def llm_markdown(out: dict) -> str:
+    """A short markdown summary of run_llm's results."""
+    lines = [f"# truncated_svd vs a tuned torch.svd_lowrank ({out['mode']} mode)", "",
+             f"Device: {out['device']}, torch {out['torch']}, commit {out['commit']}, "
+             f"{out['threads']} threads, medians of {out['reps']} interleaved rounds. Run time "
+             f"{out.get('run_time_s', float('nan')):.0f} s (setup, the random factors: {out.get('setup_s')}).",
+             "Load (/proc/loadavg) is given per case: on a shared machine read the ratios, not the times.", "",
+             "| case | k | ours (s) | tuned svd_lowrank (q, niter) | its time (s) | speedup | our sv err | our residual ratio | contract | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in out["cases"]:
+        ours = c["rows"]["truncated_svd(auto)"]
+        best = c.get("tuned_lowrank")
+        lr = next((r for name, r in c["rows"].items() if name.startswith("torch.svd_lowrank")), None)
+        lines.append(f"| {c['case']} | {c['k']} | {ours['time_s']:.3f} | "
+                     f"{(best['q'], best['niter']) if best else 'none met the contract'} | "
+                     f"{lr['time_s']:.3f} | {c.get('speedup_vs_tuned_lowrank', float('nan')):.2f}× | "
+                     f"{ours['sv_rel_err']:.1e} | {ours['residual_ratio']:.6f} | {ours['contract_met']} | "
+                     f"{c['loadavg_after']} |" if lr else f"| {c['case']} | {c['k']} | {ours['time_s']:.3f} | none | | | "
+                     f"{ours['sv_rel_err']:.1e} | {ours['residual_ratio']:.6f} | {ours['contract_met']} | {c['loadavg_after']} |")
+    for lay in out.get("llama_layer", []):
+        t = lay["times_s"]
+        lines += ["", f"{lay['case']}, k = {lay['k']}: batched_truncated_svd {t['batched_truncated_svd']:.2f} s, "
+                  f"loop of truncated_svd {t['loop of truncated_svd']:.2f} s (goal ≤ {lay['goal_s']:.0f} s), worst sv "
+                  f"error {lay['sv_rel_err']:.1e}, contract met: {lay['contract_met']}; with the SVD cache: first run "
+                  f"{lay['cache_first_run_s']:.2f} s, second run {lay['cache_second_run_s']:.2f} s; load {lay['loadavg_after']}."]
+    if "linalg_svd_4096x4096_s" in out:
+        lines += ["", f"torch.linalg.svd of one 4096² matrix: {out['linalg_svd_4096x4096_s']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
 def checkpoint(args, out: dict) -> None:
     """Write the results so far (a long run on a busy machine keeps what it measured)."""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**out, "partial": True}, indent=2) + "\n")
+        args.json.with_suffix(".md").write_text(llm_markdown({**out, "mode": out["mode"] + ", partial"}))
 
 
 def run_llm(args) -> dict:
@@ -424,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.llm:
         if args.reps == 15:  # the default of the small cases: fewer rounds at these sizes
             args.reps = 3 if args.quick else 5
-        return write_results(args, run_llm(args))
+        results = run_llm(args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.with_suffix(".md").write_text(llm_markdown(results))
+        return write_results(args, results)
 
     results = {
         "benchmark": "truncated_svd",
