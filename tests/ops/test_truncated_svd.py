@@ -574,3 +574,19 @@ def test_batched_progress_bar_on_stderr_when_asked(capsys):
     # default: quiet for a run shorter than PROGRESS_DELAY_S
     batched_truncated_svd(mats, 3)
     assert "truncated SVD" not in capsys.readouterr().err
+
+
+def test_krylov_route_stack_items_stopping_at_different_steps(monkeypatch):
+    # a stack on the Krylov route: a fast-decaying item passes the test steps before a flat one;
+    # each gets the Ritz triplets of the basis it passed with, as when computed alone
+    krylov = _spy(monkeypatch, "_block_krylov")
+    fallback = _spy(monkeypatch, "_gram_refined")
+    r = 900
+    A = torch.stack([with_spectrum(1100, r, spectrum("power1", r), seed=1),
+                     with_spectrum(1100, r, _logspace_flat(r), seed=2)])
+    res = truncated_svd(A, 12)
+    assert krylov == [2] and fallback == []
+    for i in range(2):
+        assert_contract(A[i], 12, (res.U[i], res.S[i], res.V[i]), f"item {i}")
+        alone = truncated_svd(A[i], 12)
+        torch.testing.assert_close(res.S[i], alone.S, rtol=1e-5, atol=0)
