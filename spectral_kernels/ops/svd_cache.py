@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 #: bump when the algorithm or the entry layout changes
-CACHE_FORMAT = "truncated_svd-v3"  # v3: entries carry their key and a checksum of the factors
+#: v3: entries carry their key and a checksum of the factors; "auto" uses block Krylov for large matrices
+CACHE_FORMAT = "truncated_svd-v3"
 
 FACTORS = ("U", "S", "V")
 
@@ -40,7 +41,8 @@ def cache_key(A: Tensor, options: dict[str, Any]) -> str:
     h = hashlib.sha256()
     h.update(CACHE_FORMAT.encode())
     h.update(repr((tuple(A.shape), str(A.dtype), sorted(options.items()))).encode())
-    h.update(_raw_bytes(A))
+    data = A.detach().contiguous().cpu()
+    h.update(data.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
     return h.hexdigest()
 
 

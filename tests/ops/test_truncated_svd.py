@@ -192,8 +192,9 @@ def test_auto_eigh_route_falls_back_when_eigh_fails(monkeypatch):
 
 def test_auto_randomized_hands_unconverged_items_to_the_eigh_route(monkeypatch):
     eigh_route = _spy(monkeypatch, "_gram_refined")
-    # big enough for the randomized iteration to be tried; a Gaussian matrix (flat top spectrum)
-    # does not converge within the budget, a power-law one does
+    # big enough for the block Krylov route to be tried; capped at 4 steps, a Gaussian matrix
+    # (flat top spectrum) does not converge within them, a power-law one does
+    monkeypatch.setattr(tsvd, "krylov_max_steps", lambda *a: 4)
     g = torch.Generator().manual_seed(4)
     A = torch.stack([torch.randn(1200, 800, generator=g), with_spectrum(1200, 800, spectrum("power1", 800), seed=5)])
     res = truncated_svd(A, 16)
@@ -477,3 +478,115 @@ def test_cuda_batched_model_weights():
     for name, A in mats.items():
         assert out[name].U.is_cuda
         assert_contract(A.cpu(), 6, tuple(t.cpu() for t in out[name]), name)
+
+
+# --- the block Krylov route of "auto" (large matrices) ---------------------------------------------------
+def _logspace_flat(r: int) -> torch.Tensor:
+    return torch.logspace(0, -2.5, r, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("m,n,k,name", [(1203, 811, 20, "power0.3"), (811, 1203, 20, "flat_top"),
+                                        (1100, 1001, 33, "near_flat_linear"), (1001, 1100, 7, "power0.5")])
+def test_krylov_route_contract_odd_and_wide_shapes(monkeypatch, m, n, k, name):
+    assert tsvd.iteration_budget(max(m, n), min(m, n), k, k + 16, torch.device("cpu")) >= tsvd.MIN_RANDOMIZED_BUDGET
+    krylov = _spy(monkeypatch, "_block_krylov")
+    fallback = _spy(monkeypatch, "_gram_refined")
+    r = min(m, n)
+    s = _logspace_flat(r) if name == "flat_top" else (
+        torch.arange(1, r + 1, dtype=torch.float64) ** -0.3 if name == "power0.3" else spectrum(name, r))
+    A = with_spectrum(m, n, s, seed=m + k)
+    res = truncated_svd(A, k)
+    assert krylov == [1] and fallback == [], f"krylov calls {krylov}, fallback calls {fallback}"
+    assert res.U.shape == (m, k) and res.V.shape == (n, k)
+    assert_contract(A, k, res, f"krylov {name} {m}x{n} k={k}")
+
+
+def test_krylov_route_stops_near_the_contract():
+    # s_i ∝ i^-0.3 (a real weight's decay): the test must stop once the error is within 1e-3, not
+    # run on to 1e-5 (each step divides the error by ~5-10 here, so 1e-5 would be two steps too many)
+    r = 1000
+    A = with_spectrum(1500, r, torch.arange(1, r + 1, dtype=torch.float64) ** -0.3, seed=11)
+    e = contract_errors(A, 16, truncated_svd(A, 16))
+    assert e["sv"] <= SV_TOL and e["ratio"] <= RESID_TOL
+    assert e["sv"] >= 1e-5, f"stopped {SV_TOL / e['sv']:.0f}× past the contract (sv error {e['sv']:.1e})"
+
+
+def test_krylov_route_deterministic_with_generator():
+    A = with_spectrum(1100, 900, spectrum("power0.5", 900), seed=2)
+    a = truncated_svd(A, 12, generator=torch.Generator().manual_seed(7))
+    b = truncated_svd(A, 12, generator=torch.Generator().manual_seed(7))
+    c = truncated_svd(A, 12, generator=torch.Generator().manual_seed(8))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.U, c.U), "the generator did not reach the sketch"
+    torch.testing.assert_close(a.S, c.S, rtol=1e-3, atol=0)
+
+
+def test_batched_large_matrices_loop_equals_single_calls(monkeypatch):
+    # on a CPU, matrices above _CPU_STACK_MAX_ELEMENTS run one at a time (a stack would copy them all
+    # and run until the slowest converges): the results are exactly those of single calls
+    calls = []
+    real = tsvd.truncated_svd
+
+    def counting(X, k, **kw):
+        calls.append(tuple(X.shape))
+        return real(X, k, **kw)
+
+    mats = {f"w{i}": with_spectrum(1100, 1000, torch.arange(1, 1001, dtype=torch.float64) ** -(0.3 + 0.1 * i), seed=i)
+            for i in range(3)}
+    mats["wide"] = with_spectrum(1000, 1100, spectrum("power0.5", 1000), seed=9)
+    monkeypatch.setattr(tsvd, "truncated_svd", counting)
+    out = batched_truncated_svd(mats, 10, progress=False, generator=torch.Generator().manual_seed(1))
+    assert sorted(calls) == sorted([(1, 1100, 1000)] * 3 + [(1, 1000, 1100)]), calls
+    for name, A in mats.items():
+        single = real(A, 10, generator=torch.Generator().manual_seed(1))
+        for x, y in zip(out[name], single):
+            assert torch.equal(x, y), name
+        assert_contract(A, 10, out[name], name)
+
+
+def test_non_finite_found_when_the_norm_overflows():
+    # entries near float32's max overflow the norm of the fast check: the entry-wise check decides
+    big = torch.full((40, 30), 3e38)
+    assert tsvd._check_input(big, 2) is big
+    big[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tsvd._check_input(big, 2)
+
+
+def test_krylov_route_steep_spectrum(monkeypatch):
+    # σ_k < 1e-2·σ_1: the test's squared Gram cannot resolve σ_k, the stable Rayleigh-Ritz takes over
+    fallback = _spy(monkeypatch, "_gram_refined")
+    r = 900
+    A = with_spectrum(1300, r, torch.arange(1, r + 1, dtype=torch.float64) ** -1.5, seed=3)
+    res = truncated_svd(A, 40)
+    assert fallback == []
+    assert_contract(A, 40, res, "steep power law")
+
+
+def test_batched_progress_bar_on_stderr_when_asked(capsys):
+    mats = {"a": torch.randn(30, 20), "b": torch.randn(30, 20), "c": torch.randn(20, 40)}
+    batched_truncated_svd(mats, 3, progress=True)
+    err = capsys.readouterr().err
+    assert "truncated SVD" in err and "3/3" in err, err
+    batched_truncated_svd(mats, 3, progress=False)
+    assert capsys.readouterr().err == ""
+    # default: quiet for a run shorter than PROGRESS_DELAY_S
+    batched_truncated_svd(mats, 3)
+    assert "truncated SVD" not in capsys.readouterr().err
+
+
+def test_krylov_route_stack_items_stopping_at_different_steps(monkeypatch):
+    # a stack on the Krylov route: a fast-decaying item passes the test steps before a flat one;
+    # each gets the Ritz triplets of the basis it passed with, as when computed alone
+    krylov = _spy(monkeypatch, "_block_krylov")
+    fallback = _spy(monkeypatch, "_gram_refined")
+    r = 900
+    A = torch.stack([with_spectrum(1100, r, spectrum("power1", r), seed=1),
+                     with_spectrum(1100, r, _logspace_flat(r), seed=2)])
+    res = truncated_svd(A, 12)
+    assert krylov == [2] and fallback == []
+    for i in range(2):
+        assert_contract(A[i], 12, (res.U[i], res.S[i], res.V[i]), f"item {i}")
+        alone = truncated_svd(A[i], 12)
+        torch.testing.assert_close(res.S[i], alone.S, rtol=1e-5, atol=0)
