@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from spectral_kernels.tuning.config import SpectralConfig
 from spectral_kernels.tuning.fingerprints import (
     BASE_TENSOR_SAMPLE,
-    compare_fingerprints,
+    check_layer_fingerprint,
     compare_tensor_fingerprints,
     frozen_tensors,
     layer_fingerprint,
@@ -56,8 +56,8 @@ from spectral_kernels.tuning.inject import (
     CONFIG_ATTR,
     SOURCE_ATTR,
     adapt,
-    base_fingerprint,
     base_weight,
+    check_base_fingerprint,
     find_targets,
     spectral_layers,
     unwrap,
@@ -387,13 +387,13 @@ def _check_layers(path: str, config: SpectralConfig, layers: dict[str, dict], te
         raise AdapterFileError(f"{path}: tensor {unknown[0]!r} belongs to no layer of the file's metadata")
 
 
-def _check_base(af: AdapterFile, m: nn.Module, layers: dict[str, nn.Module], fingerprints: dict[str, dict],
-                adapted: bool) -> None:
-    """Compare the file's base fingerprints with the model (``layers``: targets or adapted layers,
-    ``fingerprints``: their weights' fingerprints). In an ``adapted`` model the parameters that
-    train (a bank's shared heads, say) are the model's own, not the base's: they are left out."""
-    for name, fp in fingerprints.items():
-        diff = compare_fingerprints(af.layers[name]["fingerprint"], fp)
+def _check_base(af: AdapterFile, m: nn.Module, layers: dict[str, nn.Module], adapted: bool) -> None:
+    """Compare the file's base fingerprints with the model (``layers``: the targets of an
+    unadapted model, or the ``adapted`` model's layers). In an ``adapted`` model the parameters
+    that train (a bank's shared heads, say) are the model's own, not the base's: they are left out."""
+    check = check_layer_fingerprint if adapted else check_base_fingerprint
+    for name, module in layers.items():
+        diff = check(af.layers[name]["fingerprint"], module)
         if diff is not None:
             raise AdapterMismatchError(f"layer {name!r}: {diff}")
     if af.base is None:
@@ -436,15 +436,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | 
 
 
 def load_adapter_file(model: nn.Module, af: AdapterFile, *, cache_dir: str | os.PathLike | None = None,
-                      adapter: str | None = None, verbose: bool = False) -> nn.Module:
-    """:func:`load_adapter` of a file :func:`read_adapter_file` has read and checked already."""
+                      adapter: str | None = None, verbose: bool = False, check_base: bool = True) -> nn.Module:
+    """:func:`load_adapter` of a file :func:`read_adapter_file` has read and checked already.
+    ``check_base=False`` (into an adapted model only) skips the base check: for the caller that
+    has just checked this model against the same fingerprints (from_pretrained's other adapters)."""
     config, layer_meta, tensors = af.config, af.layers, dict(af.tensors)
     m = unwrap(model)
     layers = spectral_layers(m)
     if not layers:
         targets = find_targets(m, config)
         _check_names(set(targets), set(layer_meta))
-        _check_base(af, m, targets, {name: base_fingerprint(module) for name, module in targets.items()}, adapted=False)
+        _check_base(af, m, targets, adapted=False)
         basis = None
         if all(f"{n}.U" in tensors for n in layer_meta):
             basis = {n: (tensors.pop(f"{n}.U"), tensors.pop(f"{n}.s"), tensors.pop(f"{n}.V")) for n in layer_meta}
@@ -461,8 +463,8 @@ def load_adapter_file(model: nn.Module, af: AdapterFile, *, cache_dir: str | os.
                 if want.get(key) != have.get(key):
                     raise AdapterMismatchError(
                         f"layer {name!r}: the adapter has {key}={want.get(key)!r}, the model's layer has {have.get(key)!r}")
-        fps = {name: fp for name, layer in layers.items() if (fp := layer_fingerprint(layer)) is not None}
-        _check_base(af, m, layers, fps, adapted=True)
+        if check_base:
+            _check_base(af, m, layers, adapted=True)
         for n in layer_meta:  # a stored basis replaces the model's (the model's SVD may differ by rounding)
             if f"{n}.U" in tensors:
                 with torch.no_grad():

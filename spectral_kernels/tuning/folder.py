@@ -308,9 +308,14 @@ def from_pretrained(base_model: nn.Module, directory: str | os.PathLike, *,
             raise AdapterMismatchError(f"from_pretrained: the model is adapted with another config than the "
                                        f"folder's ({diff}); pass the unadapted base model")
     load_adapter_file(base_model, read[DEFAULT_ADAPTER], cache_dir=cache_dir, adapter=DEFAULT_ADAPTER)
+    checked = read[DEFAULT_ADAPTER]
     for name, af in read.items():
         if name != DEFAULT_ADAPTER:
-            load_adapter_file(base_model, af, adapter=name)
+            # the base was checked against the default file's fingerprints just now: a file of the
+            # same save carries the same ones, and only another file's are checked again
+            same = af.base == checked.base and all(
+                af.layers[n]["fingerprint"] == checked.layers[n]["fingerprint"] for n in af.layers)
+            load_adapter_file(base_model, af, adapter=name, check_base=not same)
     active = description.get("active_adapter")
     if active is not None and active != DEFAULT_ADAPTER:
         set_adapter(base_model, active)
