@@ -337,3 +337,25 @@ def _generation_default(model):
     g = model.classifier.weight.flatten()[0].item()
     assert all(torch.all(layer.coeffs == g) for layer in sk.tuning.spectral_layers(model).values())
     return g
+
+
+def test_a_bank_is_checked_against_the_base_once(tmp_path, monkeypatch):
+    """The other adapters' files of one save carry the default file's fingerprints: the base is hashed
+    once per from_pretrained, not once per adapter."""
+    import spectral_kernels.tuning.fingerprints as fps
+
+    sk.save_pretrained(_bank(), tmp_path / "bank")
+    sk.save_pretrained(sk.adapt(tiny_bert(), sk.SpectralConfig(**CFG)), tmp_path / "one")
+    hashed = []
+    sha = fps._sha256
+    monkeypatch.setattr(fps, "_sha256", lambda W: hashed.append(W.shape) or sha(W))
+    sk.from_pretrained(tiny_bert(), tmp_path / "one")
+    once = len(hashed)
+    hashed.clear()
+    sk.from_pretrained(tiny_bert(), tmp_path / "bank")
+    assert once > 0 and len(hashed) == once
+    with pytest.raises(sk.tuning.AdapterMismatchError):  # and a different base is still refused
+        other = tiny_bert()
+        with torch.no_grad():
+            other.bert.embeddings.word_embeddings.weight.mul_(1.01)
+        sk.from_pretrained(other, tmp_path / "bank")
