@@ -75,6 +75,8 @@ META_LAYERS = "spectral_kernels.layers"
 META_BASE = "spectral_kernels.base"
 META_TENSORS = "spectral_kernels.tensors"
 META_CHECKSUM = "spectral_kernels.checksum"
+#: the name of the adapter whose coefficients the file holds (files written before it was recorded have none)
+META_ADAPTER = "spectral_kernels.adapter"
 #: attribute of a model merge_adapter merged (spectral_kernels.tuning.merge.MERGED_ATTR; that module
 #: sits above this one)
 _MERGED_ATTR = "_spectral_merged"
@@ -119,7 +121,8 @@ def base_tensors(model: nn.Module, layers: dict[str, nn.Module], held: set[str])
 
 def _metadata_checksum(meta: dict[str, str]) -> str:
     h = hashlib.sha256()
-    for key in (META_FORMAT, META_CONFIG, META_LAYERS, META_BASE, META_TENSORS):
+    # the adapter's name is covered where it is recorded (a file written before it was keeps its checksum)
+    for key in (META_FORMAT, META_CONFIG, META_LAYERS, META_BASE, META_TENSORS) + ((META_ADAPTER,) if META_ADAPTER in meta else ()):
         value = meta.get(key, "").encode()
         h.update(f"{key}:{len(value)}:".encode())
         h.update(value)
@@ -239,7 +242,8 @@ def _adapter_payload(m: nn.Module, config: SpectralConfig, layers: dict[str, Spe
                for n, t in tensors.items()}
     metadata = {META_FORMAT: FORMAT_VERSION, META_CONFIG: config.to_json(),
                 META_LAYERS: json.dumps(layer_meta, sort_keys=True), META_BASE: json.dumps(base, sort_keys=True),
-                META_TENSORS: json.dumps(records, sort_keys=True)}
+                META_TENSORS: json.dumps(records, sort_keys=True),
+                META_ADAPTER: adapter if adapter is not None else next(iter(layers.values())).active_adapter}
     metadata[META_CHECKSUM] = _metadata_checksum(metadata)
     return tensors, metadata
 
@@ -266,6 +270,8 @@ class AdapterFile:
     #: {name: fingerprint} of the other base parameters; None in a format-1 file
     base: dict[str, dict] | None
     format: str
+    #: the adapter whose coefficients the file holds, as saved; None in a file that does not record it
+    adapter: str | None = None
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[SpectralConfig, dict[str, dict], dict[str, Tensor]]:
@@ -329,7 +335,7 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
         config = SpectralConfig.from_json(meta[META_CONFIG])
         layers = json.loads(meta[META_LAYERS])
     _check_layers(path, config, layers, tensors)
-    return AdapterFile(path, config, layers, tensors, base, fmt)
+    return AdapterFile(path, config, layers, tensors, base, fmt, meta.get(META_ADAPTER) if fmt != "1" else None)
 
 
 def _check_records(path: str, tensors: dict[str, Tensor], records: dict[str, dict]) -> None:

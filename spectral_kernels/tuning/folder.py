@@ -298,6 +298,10 @@ def from_pretrained(base_model: nn.Module, directory: str | os.PathLike, *,
         raise AdapterFileError(f"{os.path.join(directory, CONFIG_NAME)}: names no file for the 'default' adapter")
     read = {name: read_adapter_file(paths.get(file, os.path.join(directory, file))) for name, file in files.items()}
     _check_description(directory, description, read)
+    for name, af in read.items():
+        if af.adapter is not None and af.adapter != name:
+            raise AdapterFileError(f"{af.path} holds adapter {af.adapter!r} but {CONFIG_NAME} names it as the file of "
+                                   f"adapter {name!r}: the description was edited; save the folder again")
     if HF_WEIGHTS_NAME in paths:
         _check_hf_weights(paths[HF_WEIGHTS_NAME], read)
     m = unwrap(base_model)
