@@ -122,6 +122,23 @@ def _sha256(W: Tensor) -> str:
     return h.hexdigest()
 
 
+#: entries converted to float64 at a time by :func:`_float64_sums` (8 MiB)
+_SUM_CHUNK = 1 << 20
+
+
+def _float64_sums(W: Tensor) -> tuple[float, float, float]:
+    """(Σw, Σ|w|, Σw²) in float64 over every entry of W, in one pass: each chunk is converted to
+    float64 once and reduced three ways while it is in cache (three full reductions read W three
+    times and convert it each time)."""
+    flat = W.reshape(-1)
+    acc = torch.zeros(3, dtype=torch.float64, device=W.device)
+    for i in range(0, flat.numel(), _SUM_CHUNK):
+        x = flat[i:i + _SUM_CHUNK].double()
+        acc += torch.stack((x.sum(), x.abs().sum(), torch.dot(x, x)))
+    total, abs_total, squares = acc.tolist()
+    return total, abs_total, squares
+
+
 @torch.no_grad()
 def fingerprint(W: Tensor, *, sample: int = CROSS_DTYPE_SAMPLE) -> dict[str, Any]:
     """Fingerprint of a base tensor (see the module docstring for what it covers and why), with a
@@ -136,10 +153,11 @@ def fingerprint(W: Tensor, *, sample: int = CROSS_DTYPE_SAMPLE) -> dict[str, Any
         "bf16": None,
     }
     if W.is_floating_point():
+        total, abs_total, squares = _float64_sums(W)
         fp.update(
-            sum=W.sum(dtype=torch.float64).item(),
-            abs_sum=torch.linalg.vector_norm(W, ord=1, dtype=torch.float64).item(),
-            norm=torch.linalg.vector_norm(W, dtype=torch.float64).item(),
+            sum=total,
+            abs_sum=abs_total,
+            norm=math.sqrt(squares),
             bf16=base64.b64encode(_bytes(_gather(W, sample_positions(W.shape, sample))
                                          .to(torch.bfloat16))).decode("ascii"),
             bf16_sample=sample,
