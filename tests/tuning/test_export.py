@@ -267,8 +267,10 @@ def test_bad_input_is_refused_and_nothing_is_touched(tmp_path):
     with pytest.raises(ValueError, match="floating dtype"):
         sk.export_peft(model, tmp_path / "x", dtype=torch.int8)
     assert not (tmp_path / "x").exists() and not (tmp_path / "none").exists()
-    with pytest.raises(ValueError, match="adapter name must be .*got 'a/b'"):  # no adapter holds a path separator
-        sk.add_adapter(model, "a/b")
+    sk.add_adapter(model, "a/b")
+    with pytest.raises(ValueError, match="adapter 'a/b' cannot be exported.*path separator"):
+        sk.export_peft(model, tmp_path / "x")
+    sk.delete_adapter(model, "a/b")
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         sk.export_peft(model, tmp_path / "file")
