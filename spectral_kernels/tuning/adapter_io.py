@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from spectral_kernels.tuning.config import SpectralConfig
 from spectral_kernels.tuning.fingerprints import (
     BASE_TENSOR_SAMPLE,
-    compare_fingerprints,
+    check_layer_fingerprint,
     compare_tensor_fingerprints,
     frozen_tensors,
     layer_fingerprint,
@@ -56,8 +56,8 @@ from spectral_kernels.tuning.inject import (
     CONFIG_ATTR,
     SOURCE_ATTR,
     adapt,
-    base_fingerprint,
     base_weight,
+    check_base_fingerprint,
     find_targets,
     spectral_layers,
     unwrap,
@@ -75,6 +75,8 @@ META_LAYERS = "spectral_kernels.layers"
 META_BASE = "spectral_kernels.base"
 META_TENSORS = "spectral_kernels.tensors"
 META_CHECKSUM = "spectral_kernels.checksum"
+#: the name of the adapter whose coefficients the file holds (files written before it was recorded have none)
+META_ADAPTER = "spectral_kernels.adapter"
 #: attribute of a model merge_adapter merged (spectral_kernels.tuning.merge.MERGED_ATTR; that module
 #: sits above this one)
 _MERGED_ATTR = "_spectral_merged"
@@ -119,7 +121,8 @@ def base_tensors(model: nn.Module, layers: dict[str, nn.Module], held: set[str])
 
 def _metadata_checksum(meta: dict[str, str]) -> str:
     h = hashlib.sha256()
-    for key in (META_FORMAT, META_CONFIG, META_LAYERS, META_BASE, META_TENSORS):
+    # the adapter's name is covered where it is recorded (a file written before it was keeps its checksum)
+    for key in (META_FORMAT, META_CONFIG, META_LAYERS, META_BASE, META_TENSORS) + ((META_ADAPTER,) if META_ADAPTER in meta else ()):
         value = meta.get(key, "").encode()
         h.update(f"{key}:{len(value)}:".encode())
         h.update(value)
@@ -239,7 +242,8 @@ def _adapter_payload(m: nn.Module, config: SpectralConfig, layers: dict[str, Spe
                for n, t in tensors.items()}
     metadata = {META_FORMAT: FORMAT_VERSION, META_CONFIG: config.to_json(),
                 META_LAYERS: json.dumps(layer_meta, sort_keys=True), META_BASE: json.dumps(base, sort_keys=True),
-                META_TENSORS: json.dumps(records, sort_keys=True)}
+                META_TENSORS: json.dumps(records, sort_keys=True),
+                META_ADAPTER: adapter if adapter is not None else next(iter(layers.values())).active_adapter}
     metadata[META_CHECKSUM] = _metadata_checksum(metadata)
     return tensors, metadata
 
@@ -266,6 +270,8 @@ class AdapterFile:
     #: {name: fingerprint} of the other base parameters; None in a format-1 file
     base: dict[str, dict] | None
     format: str
+    #: the adapter whose coefficients the file holds, as saved; None in a file that does not record it
+    adapter: str | None = None
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[SpectralConfig, dict[str, dict], dict[str, Tensor]]:
@@ -329,7 +335,7 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
         config = SpectralConfig.from_json(meta[META_CONFIG])
         layers = json.loads(meta[META_LAYERS])
     _check_layers(path, config, layers, tensors)
-    return AdapterFile(path, config, layers, tensors, base, fmt)
+    return AdapterFile(path, config, layers, tensors, base, fmt, meta.get(META_ADAPTER) if fmt != "1" else None)
 
 
 def _check_records(path: str, tensors: dict[str, Tensor], records: dict[str, dict]) -> None:
@@ -387,13 +393,13 @@ def _check_layers(path: str, config: SpectralConfig, layers: dict[str, dict], te
         raise AdapterFileError(f"{path}: tensor {unknown[0]!r} belongs to no layer of the file's metadata")
 
 
-def _check_base(af: AdapterFile, m: nn.Module, layers: dict[str, nn.Module], fingerprints: dict[str, dict],
-                adapted: bool) -> None:
-    """Compare the file's base fingerprints with the model (``layers``: targets or adapted layers,
-    ``fingerprints``: their weights' fingerprints). In an ``adapted`` model the parameters that
-    train (a bank's shared heads, say) are the model's own, not the base's: they are left out."""
-    for name, fp in fingerprints.items():
-        diff = compare_fingerprints(af.layers[name]["fingerprint"], fp)
+def _check_base(af: AdapterFile, m: nn.Module, layers: dict[str, nn.Module], adapted: bool) -> None:
+    """Compare the file's base fingerprints with the model (``layers``: the targets of an
+    unadapted model, or the ``adapted`` model's layers). In an ``adapted`` model the parameters
+    that train (a bank's shared heads, say) are the model's own, not the base's: they are left out."""
+    check = check_layer_fingerprint if adapted else check_base_fingerprint
+    for name, module in layers.items():
+        diff = check(af.layers[name]["fingerprint"], module)
         if diff is not None:
             raise AdapterMismatchError(f"layer {name!r}: {diff}")
     if af.base is None:
@@ -441,16 +447,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, cache_dir: str | 
 
 
 def load_adapter_file(model: nn.Module, af: AdapterFile, *, cache_dir: str | os.PathLike | None = None,
-                      adapter: str | None = None, verbose: bool = False,
-                      distributed: bool | None = None) -> nn.Module:
-    """:func:`load_adapter` of a file :func:`read_adapter_file` has read and checked already."""
+                      adapter: str | None = None, verbose: bool = False, distributed: bool | None = None,
+                      check_base: bool = True) -> nn.Module:
+    """:func:`load_adapter` of a file :func:`read_adapter_file` has read and checked already.
+    ``check_base=False`` (into an adapted model only) skips the base check: for the caller that
+    has just checked this model against the same fingerprints (from_pretrained's other adapters)."""
     config, layer_meta, tensors = af.config, af.layers, dict(af.tensors)
     m = unwrap(model)
     layers = spectral_layers(m)
     if not layers:
         targets = find_targets(m, config)
         _check_names(set(targets), set(layer_meta))
-        _check_base(af, m, targets, {name: base_fingerprint(module) for name, module in targets.items()}, adapted=False)
+        _check_base(af, m, targets, adapted=False)
         basis = None
         if all(f"{n}.U" in tensors for n in layer_meta):
             basis = {n: (tensors.pop(f"{n}.U"), tensors.pop(f"{n}.s"), tensors.pop(f"{n}.V")) for n in layer_meta}
@@ -467,8 +475,8 @@ def load_adapter_file(model: nn.Module, af: AdapterFile, *, cache_dir: str | os.
                 if want.get(key) != have.get(key):
                     raise AdapterMismatchError(
                         f"layer {name!r}: the adapter has {key}={want.get(key)!r}, the model's layer has {have.get(key)!r}")
-        fps = {name: fp for name, layer in layers.items() if (fp := layer_fingerprint(layer)) is not None}
-        _check_base(af, m, layers, fps, adapted=True)
+        if check_base:
+            _check_base(af, m, layers, adapted=True)
         for n in layer_meta:  # a stored basis replaces the model's (the model's SVD may differ by rounding)
             if f"{n}.U" in tensors:
                 with torch.no_grad():

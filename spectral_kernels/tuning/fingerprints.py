@@ -106,31 +106,58 @@ def _bytes(t: Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def _full(W: Tensor) -> Tensor:
+    """W detached; an FSDP2-sharded weight (a DTensor) gathered (every rank must call together)."""
+    W = W.detach()
+    return W.full_tensor() if hasattr(W, "full_tensor") else W
+
+
+def _sha256(W: Tensor) -> str:
+    """The fingerprint's sha256 of W (module docstring): the hashed entries are fed to hashlib as a
+    buffer, without a copy into a bytes object."""
+    R, _ = _rows_cols(W.shape)
+    positions = None if W.numel() <= FULL_HASH_NUMEL else sample_positions(W.shape, max(SAMPLE_NUMEL, R))
+    h = hashlib.sha256(repr((tuple(W.shape), str(W.dtype))).encode())
+    h.update(_gather(W, positions).contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+#: entries converted to float64 at a time by :func:`_float64_sums` (8 MiB)
+_SUM_CHUNK = 1 << 20
+
+
+def _float64_sums(W: Tensor) -> tuple[float, float, float]:
+    """(Σw, Σ|w|, Σw²) in float64 over every entry of W, in one pass: each chunk is converted to
+    float64 once and reduced three ways while it is in cache (three full reductions read W three
+    times and convert it each time)."""
+    flat = W.reshape(-1)
+    acc = torch.zeros(3, dtype=torch.float64, device=W.device)
+    for i in range(0, flat.numel(), _SUM_CHUNK):
+        x = flat[i:i + _SUM_CHUNK].double()
+        acc += torch.stack((x.sum(), x.abs().sum(), torch.dot(x, x)))
+    total, abs_total, squares = acc.tolist()
+    return total, abs_total, squares
+
+
 @torch.no_grad()
 def fingerprint(W: Tensor, *, sample: int = CROSS_DTYPE_SAMPLE) -> dict[str, Any]:
     """Fingerprint of a base tensor (see the module docstring for what it covers and why), with a
     bf16 sample of ``sample`` entries. An FSDP2-sharded weight (a DTensor) is gathered first:
     every rank must call this together."""
-    W = W.detach()
-    if hasattr(W, "full_tensor"):
-        W = W.full_tensor()
-    R, _ = _rows_cols(W.shape)
-    n = W.numel()
-    positions = None if n <= FULL_HASH_NUMEL else sample_positions(W.shape, max(SAMPLE_NUMEL, R))
-    h = hashlib.sha256(repr((tuple(W.shape), str(W.dtype))).encode())
-    h.update(_bytes(_gather(W, positions)))
+    W = _full(W)
     fp: dict[str, Any] = {
         "version": FINGERPRINT_VERSION,
         "shape": list(W.shape),
         "dtype": str(W.dtype).removeprefix("torch."),
-        "sha256": h.hexdigest(),
+        "sha256": _sha256(W),
         "bf16": None,
     }
     if W.is_floating_point():
+        total, abs_total, squares = _float64_sums(W)
         fp.update(
-            sum=W.sum(dtype=torch.float64).item(),
-            abs_sum=torch.linalg.vector_norm(W, ord=1, dtype=torch.float64).item(),
-            norm=torch.linalg.vector_norm(W, dtype=torch.float64).item(),
+            sum=total,
+            abs_sum=abs_total,
+            norm=math.sqrt(squares),
             bf16=base64.b64encode(_bytes(_gather(W, sample_positions(W.shape, sample))
                                          .to(torch.bfloat16))).decode("ascii"),
             bf16_sample=sample,
@@ -204,6 +231,21 @@ def compare_fingerprints(stored: dict[str, Any], actual: dict[str, Any], what: s
             f"norm {actual['norm']:.6g} vs {stored['norm']:.6g}, sum {actual['sum']:.6g} vs {stored['sum']:.6g}")
 
 
+@torch.no_grad()
+def check_fingerprint(stored: dict[str, Any], W: Tensor, what: str = "base weight") -> str | None:
+    """``compare_fingerprints(stored, fingerprint(W, ...))``, computing only what that comparison
+    reads: in W's own dtype the sha256 alone decides when it matches (the float64 sums and the
+    bf16 sample are read only across dtypes, for a version-1 fingerprint of a large tensor, and
+    for the message of a refusal), so loading on the dtype an adapter was saved on costs one
+    hash of each base tensor (a bounded sample beyond 2²² entries) instead of four passes over
+    every entry. Same result as the full comparison in every case."""
+    W = _full(W)
+    if (list(stored["shape"]) == list(W.shape) and stored.get("quant") is None
+            and stored["dtype"] == str(W.dtype).removeprefix("torch.") and stored["sha256"] == _sha256(W)):
+        return None
+    return compare_fingerprints(stored, fingerprint(W, sample=stored.get("bf16_sample", CROSS_DTYPE_SAMPLE)), what)
+
+
 def _sums_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if "sum" not in a or "sum" not in b:
         return False
@@ -260,6 +302,15 @@ def layer_fingerprint(layer: SpectralLinear, *, saving: bool = False) -> dict[st
     return None
 
 
+def check_layer_fingerprint(stored: dict[str, Any], layer: SpectralLinear) -> str | None:
+    """``compare_fingerprints(stored, layer_fingerprint(layer))`` through :func:`check_fingerprint`
+    (None also for a layer with neither a base weight nor a recorded fingerprint)."""
+    recorded = getattr(layer, FINGERPRINT_ATTR, None)
+    if recorded is not None:
+        return compare_fingerprints(stored, recorded)
+    return check_fingerprint(stored, layer.weight) if layer.weight is not None else None
+
+
 def _is_plain(p: Tensor) -> bool:
     """A dense tensor a fingerprint can read: not a bitsandbytes / torchao quantized storage (whose
     bytes move between devices; a quantized *target* has its own fingerprint) and not on meta."""
@@ -288,8 +339,8 @@ def compare_tensor_fingerprints(stored: dict[str, dict], actual: dict[str, Tenso
         return (f"base parameter {missing[0]!r}, which the adapter was trained against, is not in the model "
                 f"({len(missing)} such)")
     for name in sorted(stored):
-        fp = fingerprint(actual[name], sample=stored[name].get("bf16_sample", BASE_TENSOR_SAMPLE))
-        diff = compare_fingerprints(stored[name], fp, what=f"base parameter {name!r}")
+        diff = check_fingerprint({"bf16_sample": BASE_TENSOR_SAMPLE, **stored[name]}, actual[name],
+                                 what=f"base parameter {name!r}")
         if diff is not None:
             return diff
     return None

@@ -300,6 +300,10 @@ def from_pretrained(base_model: nn.Module, directory: str | os.PathLike, *,
         raise AdapterFileError(f"{os.path.join(directory, CONFIG_NAME)}: names no file for the 'default' adapter")
     read = {name: read_adapter_file(paths.get(file, os.path.join(directory, file))) for name, file in files.items()}
     _check_description(directory, description, read)
+    for name, af in read.items():
+        if af.adapter is not None and af.adapter != name:
+            raise AdapterFileError(f"{af.path} holds adapter {af.adapter!r} but {CONFIG_NAME} names it as the file of "
+                                   f"adapter {name!r}: the description was edited; save the folder again")
     if HF_WEIGHTS_NAME in paths:
         _check_hf_weights(paths[HF_WEIGHTS_NAME], read)
     m = unwrap(base_model)
@@ -311,9 +315,14 @@ def from_pretrained(base_model: nn.Module, directory: str | os.PathLike, *,
                                        f"folder's ({diff}); pass the unadapted base model")
     load_adapter_file(base_model, read[DEFAULT_ADAPTER], cache_dir=cache_dir, adapter=DEFAULT_ADAPTER,
                       distributed=distributed)
+    checked = read[DEFAULT_ADAPTER]
     for name, af in read.items():
         if name != DEFAULT_ADAPTER:
-            load_adapter_file(base_model, af, adapter=name)
+            # the base was checked against the default file's fingerprints just now: a file of the
+            # same save carries the same ones, and only another file's are checked again
+            same = af.base == checked.base and all(
+                af.layers[n]["fingerprint"] == checked.layers[n]["fingerprint"] for n in af.layers)
+            load_adapter_file(base_model, af, adapter=name, check_base=not same)
     active = description.get("active_adapter")
     if active is not None and active != DEFAULT_ADAPTER:
         set_adapter(base_model, active)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from spectral_kernels.tuning.config import ALL_LINEAR, SpectralConfig, name_matches
 from spectral_kernels.tuning.distributed import distributed_svd, split_across_ranks
-from spectral_kernels.tuning.fingerprints import FINGERPRINT_ATTR, fingerprint
+from spectral_kernels.tuning.fingerprints import FINGERPRINT_ATTR, check_fingerprint, compare_fingerprints, fingerprint
 from spectral_kernels.tuning.quantized import quant_kind, quantized_fingerprint
 from spectral_kernels.nn.quantized import QuantizedSpectralLinear
 from spectral_kernels.nn.speclora import SpecLoRALinear
@@ -93,6 +93,14 @@ def base_fingerprint(module: nn.Module) -> dict:
     if quant_kind(module) is not None:
         return quantized_fingerprint(module)
     return fingerprint(base_weight(module))
+
+
+def check_base_fingerprint(stored: dict, module: nn.Module) -> str | None:
+    """``compare_fingerprints(stored, base_fingerprint(module))``, hashing a dense weight only as
+    far as the comparison needs (:func:`check_fingerprint`)."""
+    if quant_kind(module) is not None:
+        return compare_fingerprints(stored, quantized_fingerprint(module))
+    return check_fingerprint(stored, base_weight(module))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

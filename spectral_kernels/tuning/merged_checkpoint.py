@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from spectral_kernels.tuning.adapter_io import META_CONFIG, AdapterMismatchError, read_adapter
-from spectral_kernels.tuning.fingerprints import compare_fingerprints, fingerprint
+from spectral_kernels.tuning.fingerprints import check_fingerprint
 from spectral_kernels.tuning.folder import _KEYS_ATTR, ADAPTER_NAME, CONFIG_NAME, _hf_config, read_folder
 from spectral_kernels.tuning.inject import _batched_svd, _build, spectral_layers, unwrap
 from spectral_kernels.tuning.merge import MERGED_ATTR, merge_adapter, unmerge
@@ -143,7 +143,7 @@ def merged_state_dict(base: Mapping[str, Tensor], adapter: str | os.PathLike) ->
         if "quant" in meta["fingerprint"]:
             raise AdapterMismatchError(f"layer {name!r}: the adapter was trained on a quantized base "
                                        f"({meta['fingerprint']['quant'].get('kind')}); merge it with the model itself")
-        diff = compare_fingerprints(meta["fingerprint"], fingerprint(W))
+        diff = check_fingerprint(meta["fingerprint"], W)
         if diff is not None:
             raise AdapterMismatchError(f"layer {name!r}: {diff}")
         weights[name] = (key, W)

@@ -337,3 +337,59 @@ def _generation_default(model):
     g = model.classifier.weight.flatten()[0].item()
     assert all(torch.all(layer.coeffs == g) for layer in sk.tuning.spectral_layers(model).values())
     return g
+
+
+def test_a_bank_is_checked_against_the_base_once(tmp_path, monkeypatch):
+    """The other adapters' files of one save carry the default file's fingerprints: the base is hashed
+    once per from_pretrained, not once per adapter."""
+    import spectral_kernels.tuning.fingerprints as fps
+
+    sk.save_pretrained(_bank(), tmp_path / "bank")
+    sk.save_pretrained(sk.adapt(tiny_bert(), sk.SpectralConfig(**CFG)), tmp_path / "one")
+    hashed = []
+    sha = fps._sha256
+    monkeypatch.setattr(fps, "_sha256", lambda W: hashed.append(W.shape) or sha(W))
+    sk.from_pretrained(tiny_bert(), tmp_path / "one")
+    once = len(hashed)
+    hashed.clear()
+    sk.from_pretrained(tiny_bert(), tmp_path / "bank")
+    assert once > 0 and len(hashed) == once
+    with pytest.raises(sk.tuning.AdapterMismatchError):  # and a different base is still refused
+        other = tiny_bert()
+        with torch.no_grad():
+            other.bert.embeddings.word_embeddings.weight.mul_(1.01)
+        sk.from_pretrained(other, tmp_path / "bank")
+
+
+def test_a_description_that_maps_an_adapter_to_another_file_is_refused(tmp_path):
+    """Each adapter file records whose coefficients it holds: a description edited to swap two adapters'
+    files (both files intact, of the same save) is refused naming the file, not loaded swapped."""
+    sk.save_pretrained(_bank(), tmp_path)
+    description = json.loads((tmp_path / CONFIG_NAME).read_text())
+    files = description["adapters"]
+    files["sentiment"], files["topic"] = files["topic"], files["sentiment"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(description))
+    with pytest.raises(AdapterFileError, match=r"spectral_adapter\.(topic|sentiment)\.safetensors holds adapter "
+                                               r"'(topic|sentiment)' but spectral_config\.json names it"):
+        sk.from_pretrained(tiny_bert(), tmp_path)
+
+
+def test_a_file_without_the_adapter_name_still_reads(tmp_path):
+    """Files written before the adapter's name was recorded keep their metadata checksum."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import spectral_kernels.tuning.adapter_io as aio
+
+    sk.save_adapter(_bank(), tmp_path / "a.safetensors", adapter="sentiment")
+    assert aio.read_adapter_file(tmp_path / "a.safetensors").adapter == "sentiment"
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del meta[aio.META_ADAPTER]
+    meta[aio.META_CHECKSUM] = aio._metadata_checksum(meta)  # as such a file was written
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    assert aio.read_adapter_file(tmp_path / "old.safetensors").adapter is None
+    meta[aio.META_ADAPTER] = "topic"  # an edited name breaks the checksum
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=meta)
+    with pytest.raises(AdapterFileError, match="does not match its checksum"):
+        aio.read_adapter_file(tmp_path / "edited.safetensors")

@@ -367,3 +367,41 @@ def test_saved_fingerprints_are_reused_until_the_tensor_changes():
     with torch.no_grad():
         W[4, 4] += 1.0  # an in-place change bumps the version counter
     assert fps.saved_fingerprint(W)["sha256"] == fps.fingerprint(W)["sha256"] != a["sha256"]
+
+
+@pytest.mark.parametrize("shape", [(29, 31), (301, 67), (17,)])
+def test_check_fingerprint_agrees_with_the_full_comparison(shape, monkeypatch):
+    """check_fingerprint computes less than fingerprint + compare_fingerprints, never decides otherwise:
+    every dtype pairing, the same base and three other ones, a version-1 fingerprint of a sampled tensor."""
+    monkeypatch.setattr(fps, "FULL_HASH_NUMEL", 400)  # (301, 67) is hashed on a sample
+    monkeypatch.setattr(fps, "SAMPLE_NUMEL", 300)
+    g = torch.Generator().manual_seed(sum(shape))
+    W = torch.randn(shape, generator=g, dtype=torch.float64) * 0.05
+    one = W.clone()
+    one.view(-1)[one.numel() // 3] *= 1.05
+    for a in DTYPES + [torch.float64]:
+        stored = fps.fingerprint(W.to(a))
+        v1 = {k: v for k, v in stored.items() if k not in ("version", "bf16", "bf16_sample")}
+        v1["sha256"] = "0" * 64  # another sample's hash: version 1 falls back on the sums
+        for fp in (stored, v1):
+            for b in DTYPES + [torch.float64]:
+                for X in (W, W * 1.01, torch.randn(shape, generator=g, dtype=torch.float64) * 0.05, one):
+                    full = fps.compare_fingerprints(fp, fps.fingerprint(X.to(b)), what="w")
+                    assert fps.check_fingerprint(fp, X.to(b), what="w") == full, (a, b, fp is v1)
+        assert fps.check_fingerprint(stored, W.to(a)) is None
+        assert "shape" in fps.check_fingerprint(stored, torch.zeros(3, 5, dtype=a))
+
+
+@pytest.mark.parametrize("load_dtype", DTYPES, ids=str)
+def test_loading_in_the_saved_dtype_only_hashes_the_base(tmp_path, monkeypatch, load_dtype):
+    """The float64 sums and the bf16 sample are computed on load only across dtypes."""
+    save_adapter(trained(torch.float32), tmp_path / "a.safetensors")
+    calls = []
+    full = fps.fingerprint
+    monkeypatch.setattr(fps, "fingerprint", lambda W, **kw: calls.append(W.shape) or full(W, **kw))
+    load_adapter(net(dtype=load_dtype), tmp_path / "a.safetensors")
+    n_base = sum(1 for _ in net().parameters()) - 2  # every parameter but the head's two (trained)
+    assert len(calls) == (0 if load_dtype == torch.float32 else n_base)
+    calls.clear()
+    with pytest.raises(AdapterMismatchError, match=r"norm [0-9.]+ vs"):  # a refusal still names the norms
+        load_adapter(_scaled(net()), tmp_path / "a.safetensors")
