@@ -398,9 +398,12 @@ def _block_krylov_steps(
         normA2 = torch.linalg.vector_norm(A, dim=(-2, -1)).to(torch.float64) ** 2
     exact_norm = False
     width = max_steps * b
-    Vall = A.new_empty(Bn, n, width)
-    C = A.new_empty(Bn, m, width)
-    Zall = A.new_empty(Bn, n, width)
+    # the basis and its products stored transposed, one block per row range, so that a block is
+    # written contiguously and a prefix Vall[..., :j] = VT[:, :j].mT is a view GEMMs take as is;
+    # column slices of [n, width] buffers were copied by every product (14% of the time at 4096²)
+    VT = A.new_empty(Bn, width, n)
+    CT = A.new_empty(Bn, width, m)
+    ZT = A.new_empty(Bn, width, n)
     Vb, _ = orthonormalize(omega.expand(Bn, n, b))
     done = torch.zeros(Bn, dtype=torch.bool, device=A.device)
     stop_at = torch.zeros(Bn, dtype=torch.long, device=A.device)
@@ -409,18 +412,20 @@ def _block_krylov_steps(
     while step < max_steps:
         j0, j1 = step * b, (step + 1) * b
         step += 1
-        Vall[..., j0:j1] = Vb
+        VT[:, j0:j1] = Vb.transpose(-2, -1)
         with _par(A, 1e9, nthreads):
-            C[..., j0:j1] = _mm(A, Vb)
-            Zall[..., j0:j1] = _mm(At, C[..., j0:j1])
+            Cb = _mm(A, Vb)
+            Zb = _mm(At, Cb)
+        CT[:, j0:j1] = Cb.transpose(-2, -1)
+        ZT[:, j0:j1] = Zb.transpose(-2, -1)
         # the test from the first basis holding l vectors; once the s·b eigenproblem is no longer
         # small next to the two GEMMs, only every few steps
         if j1 > s_out_index and (j1 <= 512 or step % (j1 // 512 + 1) == 0 or step == max_steps):
             # the Gram in the working precision (its rounding, ~√n·ε·σ₁², is far below what the
             # test resolves), its eigenproblem in float64
-            Vj, Zj = Vall[..., :j1], Zall[..., :j1]
+            Vj, Zj = VT[:, :j1].transpose(-2, -1), ZT[:, :j1].transpose(-2, -1)
             with _par(A, 2.0 * Bn * n * j1 * j1, nthreads):
-                G = (Vj.transpose(-2, -1) @ Zj).to(torch.float64)
+                G = (VT[:, :j1] @ Zj).to(torch.float64)
             with small_lapack(G):
                 lam, W = torch.linalg.eigh((G + G.transpose(-2, -1)) / 2)
             lam, W = lam.flip(-1), W.flip(-1)
@@ -429,7 +434,7 @@ def _block_krylov_steps(
                 # a steep top-k (σₖ < 3e-2·σ₁): the squared Gram resolves σₖ less well; the stable
                 # Rayleigh-Ritz (C = Q·R, SVD of R) gives the same W, S without the squaring
                 with _par(A, 1e9, nthreads):
-                    _, R = orthonormalize(C[..., :j1])
+                    _, R = orthonormalize(CT[:, :j1].transpose(-2, -1))
                     _, S_all, W = _small_svd(R)
             Sk, Wk = S_all[..., :k], W[..., :k]
             if not exact_norm and bool(((normA2 - (Sk ** 2).sum(-1)) < 1e-2 * normA2).any()):
@@ -450,11 +455,11 @@ def _block_krylov_steps(
                 break
         if step < max_steps:
             with _par(A, 8.0 * Bn * n * j1 * b, nthreads):
-                Vb, _ = orthonormalize(_project_out(Vall[..., :j1], Zall[..., j0:j1]))
+                Vb, _ = orthonormalize(_project_out(VT[:, :j1].transpose(-2, -1), Zb))
             # a block that lost rank (the Krylov space is nearly invariant) gets Householder
             # columns that are not orthogonal to the basis: project once more (rare, so checked)
-            if bool(((Vall[..., :j1].transpose(-2, -1) @ Vb).abs().amax() > 1e-4)):
-                Vb, _ = orthonormalize(_project_out(Vall[..., :j1], Vb))
+            if bool(((VT[:, :j1] @ Vb).abs().amax() > 1e-4)):
+                Vb, _ = orthonormalize(_project_out(VT[:, :j1].transpose(-2, -1), Vb))
     # each converged matrix gets the Ritz triplets of the basis it passed the test with (a prefix
     # of the final one); the others those of the whole basis (they go to the fallback anyway)
     stop_at = torch.where(done, stop_at, step)
@@ -464,11 +469,11 @@ def _block_krylov_steps(
         w = s_stop * b
         sub = slice(None) if Bn == 1 else idx
         with _par(A, 1e9, nthreads):
-            Q, R = orthonormalize(C[sub, :, :w])
+            Q, R = orthonormalize(CT[sub, :w].transpose(-2, -1))
             Ur, Sr, Wr = _small_svd(R)
             U[idx] = Q @ Ur[..., :k].to(dt)
             S[idx] = Sr[..., :k].to(dt)
-            V[idx] = Vall[sub, :, :w] @ Wr[..., :k].to(dt)
+            V[idx] = VT[sub, :w].transpose(-2, -1) @ Wr[..., :k].to(dt)
     return (U, S, V), done, step
 
 
