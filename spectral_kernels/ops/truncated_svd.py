@@ -407,6 +407,7 @@ def _block_krylov_steps(
     Vb, _ = orthonormalize(omega.expand(Bn, n, b))
     done = torch.zeros(Bn, dtype=torch.bool, device=A.device)
     stop_at = torch.zeros(Bn, dtype=torch.long, device=A.device)
+    stop_V = stop_CW = None
     step = 0
     tiny = torch.finfo(torch.float64).tiny
     while step < max_steps:
@@ -449,6 +450,14 @@ def _block_krylov_steps(
             # a k-th value of zero (rank < k): Aᵀ·U is not known this way, leave it to the fallback
             err = torch.where(Sk[..., -1] > 0, err, torch.full_like(err, math.inf))
             new = (err <= 1) & ~done
+            if bool(new.any()):
+                # keep the passing step's top-k subspace V·Wₖ and A·V·Wₖ = C·Wₖ (one m×s·b×k
+                # product): the returned triplets come from it, not from the whole basis again
+                with _par(A, 2.0 * Bn * m * j1 * k, nthreads):
+                    CW = CT[:, :j1].transpose(-2, -1) @ Wk.to(dt)
+                sel = new[:, None, None]
+                stop_V = V if stop_V is None else torch.where(sel, V, stop_V)
+                stop_CW = CW if stop_CW is None else torch.where(sel, CW, stop_CW)
             stop_at = torch.where(new, step, stop_at)
             done |= new
             if bool(done.all()):
@@ -460,13 +469,24 @@ def _block_krylov_steps(
             # columns that are not orthogonal to the basis: project once more (rare, so checked)
             if bool(((VT[:, :j1] @ Vb).abs().amax() > 1e-4)):
                 Vb, _ = orthonormalize(_project_out(VT[:, :j1].transpose(-2, -1), Vb))
-    # each converged matrix gets the Ritz triplets of the basis it passed the test with (a prefix
-    # of the final one); the others those of the whole basis (they go to the fallback anyway)
-    stop_at = torch.where(done, stop_at, step)
     U, S, V = A.new_empty(Bn, m, k), A.new_empty(Bn, k), A.new_empty(Bn, n, k)
-    for s_stop in stop_at.unique().tolist():
-        idx = (stop_at == s_stop).nonzero().flatten()
-        w = s_stop * b
+    if stop_CW is not None:
+        # each converged matrix: the stable Rayleigh-Ritz on the k-dimensional subspace V·Wₖ of
+        # the step it passed with (the Gram's squaring then only tilts that subspace, a second
+        # order effect on the values): C·Wₖ = Q·R (CholeskyQR2 of m×k, not of the whole m×s·b
+        # basis), R = Ur·diag(S)·Wrᵀ, U = Q·Ur, V = V·Wₖ·Wr, so A·V = U·diag(S) to rounding
+        idx = done.nonzero().flatten()
+        sub = slice(None) if bool(done.all()) else idx
+        with _par(A, 1e9, nthreads):
+            Q, R = orthonormalize(stop_CW[sub])
+            Ur, Sr, Wr = _small_svd(R)
+            U[idx] = Q @ Ur.to(dt)
+            S[idx] = Sr.to(dt)
+            V[idx] = stop_V[sub] @ Wr.to(dt)
+    # the others get the Ritz triplets of the whole basis (they go to the fallback anyway)
+    if not bool(done.all()):
+        idx = (~done).nonzero().flatten()
+        w = step * b
         sub = slice(None) if Bn == 1 else idx
         with _par(A, 1e9, nthreads):
             Q, R = orthonormalize(CT[sub, :w].transpose(-2, -1))
