@@ -368,9 +368,11 @@ def _block_krylov(
     which the LLM cases (s_i ∝ i^-0.6 at k = 256: σₖ = 0.036·σ₁) meet; below it the test takes W, S
     from the stable Rayleigh-Ritz below. The returned values always come from that one.) A matrix stops at
     its first passing step (no early giving up: the error of a flat spectrum stalls for a step or
-    two, then falls again). The returned factors come from a
-    stable Rayleigh-Ritz on the final basis: C = Q·R (CholeskyQR2), R = Ur·diag(S)·Wᵀ, U = Q·Ur,
-    V·W, so A·V = U·diag(S) and UᵀU = I to rounding. Returns ((U, S, V), converged [B], steps run).
+    two, then falls again). The returned factors come from a stable Rayleigh-Ritz on the passing
+    step's top-k subspace V·Wₖ: C·Wₖ = Q·R (CholeskyQR2 of an m×k block, not of the m×s·b
+    basis), R = Ur·diag(S)·Wrᵀ, U = Q·Ur, V·Wₖ·Wr, so A·V = U·diag(S) and UᵀU = I to rounding.
+    The basis and its products are stored transposed ([B, s·b, n]), so each prefix is a view the
+    GEMMs take without a copy. Returns ((U, S, V), converged [B], steps run).
     """
     nthreads = torch.get_num_threads()
     # the step's small work (b- and s·b-wide products, the test's eigenproblem, elementwise ops)
