@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spectral_kernels._hashing import update_with_bytes
+
 #: bump when the algorithm or the entry layout changes
 #: v3: entries carry their key and a checksum of the factors; "auto" uses block Krylov for large matrices
 CACHE_FORMAT = "truncated_svd-v3"
@@ -31,18 +33,12 @@ CACHE_FORMAT = "truncated_svd-v3"
 FACTORS = ("U", "S", "V")
 
 
-def _raw_bytes(t: Tensor) -> bytes:
-    # hash the raw bytes: bfloat16 has no numpy dtype, so view as bytes through uint8
-    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def cache_key(A: Tensor, options: dict[str, Any]) -> str:
     """sha256 of A's bytes, shape and dtype and of the sorted options."""
     h = hashlib.sha256()
     h.update(CACHE_FORMAT.encode())
     h.update(repr((tuple(A.shape), str(A.dtype), sorted(options.items()))).encode())
-    data = A.detach().contiguous().cpu()
-    h.update(data.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
+    update_with_bytes(h, A)
     return h.hexdigest()
 
 
@@ -51,7 +47,7 @@ def factors_checksum(U: Tensor, S: Tensor, V: Tensor) -> str:
     h = hashlib.sha256()
     for t in (U, S, V):
         h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-        h.update(_raw_bytes(t))
+        update_with_bytes(h, t)
     return h.hexdigest()
 
 

@@ -48,6 +48,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from spectral_kernels._hashing import update_with_bytes
 from spectral_kernels.nn.spectral_linear import SpectralLinear
 
 FINGERPRINT_VERSION = 2
@@ -118,7 +119,7 @@ def _sha256(W: Tensor) -> str:
     R, _ = _rows_cols(W.shape)
     positions = None if W.numel() <= FULL_HASH_NUMEL else sample_positions(W.shape, max(SAMPLE_NUMEL, R))
     h = hashlib.sha256(repr((tuple(W.shape), str(W.dtype))).encode())
-    h.update(_gather(W, positions).contiguous().view(torch.uint8).numpy())
+    update_with_bytes(h, _gather(W, positions))
     return h.hexdigest()
 
 

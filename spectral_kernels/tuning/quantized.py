@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from spectral_kernels._hashing import update_with_bytes
+
 BNB_EXTRA = 'pip install "spectral-kernels[bnb]"'
 TORCHAO_EXTRA = 'pip install "spectral-kernels[torchao]"'
 
@@ -218,7 +220,7 @@ def quantized_fingerprint(module: nn.Module) -> dict[str, Any]:
         if t.dim() == 0:
             t = t.reshape(1)
         h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        update_with_bytes(h, t)
     return {"shape": shape, "dtype": settings["kind"], "quant": settings, "sha256": h.hexdigest()}
 
 

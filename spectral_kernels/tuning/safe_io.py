@@ -16,8 +16,9 @@ import secrets
 import time
 from typing import Callable, Iterator
 
-import torch
 from torch import Tensor
+
+from spectral_kernels._hashing import update_with_bytes
 
 #: part of the name of every temporary file written aside (``.<name>.sk-tmp-<token>``)
 TEMP_MARK = ".sk-tmp-"
@@ -104,10 +105,8 @@ def file_sha256(path: str) -> str:
 
 def tensor_sha256(t: Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (C order): equal exactly when the tensor is."""
-    t = t.detach().contiguous().cpu()
     h = hashlib.sha256(repr((str(t.dtype).removeprefix("torch."), list(t.shape))).encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    update_with_bytes(h, t)
     return h.hexdigest()
 
 
