@@ -47,6 +47,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    ddp = None
     try:
         model = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -56,6 +57,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         _train(ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
         torch.save(_trainable_state(model), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # drop DDP (its reducer holds the process group) before destroying the group: a group whose
+        # last reference dies with DDP at function exit is torn down holding the GIL while a gloo
+        # thread waits for it (seen once as a hung CI run, torch 2.13)
+        del ddp
         dist.destroy_process_group()
 
 
