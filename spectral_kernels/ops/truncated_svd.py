@@ -76,6 +76,7 @@ import torch
 from torch import Tensor
 
 from spectral_kernels.ops._checks import FLOAT_DTYPES
+from spectral_kernels.ops._gram_pass import fused_worthwhile, gram_products
 from spectral_kernels.ops._orthonormalize import num_threads, orthonormalize, small_lapack
 
 METHODS = ("auto", "exact", "gram", "randomized")
@@ -103,7 +104,17 @@ class SVDResult(NamedTuple):
 
 
 # --- argument checks ---------------------------------------------------------------------------
+def _sq_norms(A: Tensor) -> Tensor:
+    """‖A‖²_F per matrix [...] in float64: row norms along A's contiguous dimension in A's dtype
+    (parallel, and accurate: 5e-9 relative at 11008×4096 fp32, where one fp32 norm of the whole
+    matrix was off by 7e-3), summed in float64. 6 ms at 11008×4096 on 2 cores."""
+    dim = -1 if A.stride(-1) == 1 or A.stride(-2) != 1 else -2
+    return torch.linalg.vector_norm(A, dim=dim).to(torch.float64).square().sum(-1)
+
+
 def _check_input(A: object, k: object, name: str = "A") -> Tensor:
+    """Check A and k; return ‖A‖²_F per matrix [...] (float64), which the Krylov route's test needs
+    (computed once here rather than in another pass over A)."""
     if not isinstance(A, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
     if A.dtype not in FLOAT_DTYPES:
@@ -117,16 +128,22 @@ def _check_input(A: object, k: object, name: str = "A") -> Tensor:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= kmax:
         raise ValueError(f"k must be an integer in 1..min(m, n) = 1..{kmax} for {name} of shape "
                          f"{tuple(A.shape)}, got k={k!r}")
-    # a finite norm means every entry is finite (NaN and ±Inf propagate into it); the norm is one
-    # reduction, 20× cheaper than isfinite(A).all() on an 11008×4096 matrix; only a non-finite
-    # norm (or an overflowing one, |entries| near the dtype's max) takes the entry-wise check
-    if A.numel() and not bool(torch.isfinite(torch.linalg.vector_norm(A))) and not bool(torch.isfinite(A).all()):
-        where = ""
-        if A.dim() > 2:
-            bad = (~torch.isfinite(A)).flatten(-2).any(-1).nonzero()[0].tolist()
-            where = f" (batch index {tuple(bad)})"
-        raise ValueError(f"{name} contains NaN or Inf{where}; the SVD of a non-finite matrix is undefined")
-    return A
+    if not A.numel():
+        return torch.zeros(A.shape[:-2], dtype=torch.float64, device=A.device)
+    # finite norms mean every entry is finite (NaN and ±Inf propagate into them); the norms are one
+    # parallel reduction, 20× cheaper than isfinite(A).all() on an 11008×4096 matrix; only a
+    # non-finite norm (or an overflowing one, |entries| near the dtype's max) takes the entry-wise
+    # check, and then the norms in float64
+    sq = _sq_norms(A)
+    if not bool(torch.isfinite(sq).all()):
+        if not bool(torch.isfinite(A).all()):
+            where = ""
+            if A.dim() > 2:
+                bad = (~torch.isfinite(A)).flatten(-2).any(-1).nonzero()[0].tolist()
+                where = f" (batch index {tuple(bad)})"
+            raise ValueError(f"{name} contains NaN or Inf{where}; the SVD of a non-finite matrix is undefined")
+        sq = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64) ** 2
+    return sq
 
 
 def _check_options(method: str, oversample: int | None, n_iter: int | None, tol: float | None) -> None:
@@ -348,7 +365,7 @@ def _project_out(Vb: Tensor, Y: Tensor) -> Tensor:
 
 
 def _block_krylov(
-    A: Tensor, k: int, b: int, omega: Tensor, max_steps: int, tol: float, s_out_index: int,
+    A: Tensor, k: int, b: int, omega: Tensor, max_steps: int, tol: float, s_out_index: int, normA2: Tensor,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, int]:
     """Randomized block Krylov (Musco & Musco 2015) on A [B, m, n] (m ≥ n) from omega [n, b].
 
@@ -372,14 +389,16 @@ def _block_krylov(
     step's top-k subspace V·Wₖ: C·Wₖ = Q·R (CholeskyQR2 of an m×k block, not of the m×s·b
     basis), R = Ur·diag(S)·Wrᵀ, U = Q·Ur, V·Wₖ·Wr, so A·V = U·diag(S) and UᵀU = I to rounding.
     The basis and its products are stored transposed ([B, s·b, n]), so each prefix is a view the
-    GEMMs take without a copy. Returns ((U, S, V), converged [B], steps run).
+    GEMMs take without a copy. The two products of a step read A once where A is a large CPU
+    matrix (:mod:`._gram_pass`). ``normA2`` [B] is ‖A‖²_F (float64, from the input check).
+    Returns ((U, S, V), converged [B], steps run).
     """
     nthreads = torch.get_num_threads()
     # the step's small work (b- and s·b-wide products, the test's eigenproblem, elementwise ops)
     # runs on one thread, only the passes over A and products above ~5e7 flops on all of them:
     # see small_lapack (on a loaded 2-core machine each small threaded op stalled 10-30 ms)
     with small_lapack(A):
-        return _block_krylov_steps(A, k, b, omega, max_steps, tol, s_out_index, nthreads)
+        return _block_krylov_steps(A, k, b, omega, max_steps, tol, s_out_index, normA2, nthreads)
 
 
 def _par(A: Tensor, flops: float, nthreads: int):
@@ -388,17 +407,18 @@ def _par(A: Tensor, flops: float, nthreads: int):
 
 
 def _block_krylov_steps(
-    A: Tensor, k: int, b: int, omega: Tensor, max_steps: int, tol: float, s_out_index: int, nthreads: int,
+    A: Tensor, k: int, b: int, omega: Tensor, max_steps: int, tol: float, s_out_index: int, normA2: Tensor,
+    nthreads: int,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, int]:
     """The body of :func:`_block_krylov`, entered on one thread."""
     Bn, m, n = A.shape
     dt = A.dtype
     At = A.transpose(-2, -1)
-    # fp32 norm: 30× cheaper than a float64 pass over A (0.3 s at 11008×4096); its ~1e-7 relative
-    # error matters only when the residual is a tiny part of ‖A‖, then it is redone in float64
-    with _par(A, 1e9, nthreads):
-        normA2 = torch.linalg.vector_norm(A, dim=(-2, -1)).to(torch.float64) ** 2
+    # the norm from fp32 row norms (~1e-8 relative): it matters only when the residual is a tiny
+    # part of ‖A‖, then it is redone in float64
+    normA2 = normA2.to(A.device, torch.float64)
     exact_norm = False
+    fused = fused_worthwhile(A)
     width = max_steps * b
     # the basis and its products stored transposed, one block per row range, so that a block is
     # written contiguously and a prefix Vall[..., :j] = VT[:, :j].mT is a view GEMMs take as is;
@@ -416,11 +436,16 @@ def _block_krylov_steps(
         j0, j1 = step * b, (step + 1) * b
         step += 1
         VT[:, j0:j1] = Vb.transpose(-2, -1)
-        with _par(A, 1e9, nthreads):
-            Cb = _mm(A, Vb)
-            Zb = _mm(At, Cb)
+        if fused:  # on this thread and nthreads − 1 workers, each GEMM single-threaded
+            Cb, ZbT = gram_products(A, Vb, nthreads)
+            ZT[:, j0:j1] = ZbT
+            Zb = ZbT.transpose(-2, -1)
+        else:
+            with _par(A, 1e9, nthreads):
+                Cb = _mm(A, Vb)
+                Zb = _mm(At, Cb)
+            ZT[:, j0:j1] = Zb.transpose(-2, -1)
         CT[:, j0:j1] = Cb.transpose(-2, -1)
-        ZT[:, j0:j1] = Zb.transpose(-2, -1)
         # the test from the first basis holding l vectors; once the s·b eigenproblem is no longer
         # small next to the two GEMMs, only every few steps
         if j1 > s_out_index and (j1 <= 512 or step % (j1 // 512 + 1) == 0 or step == max_steps):
@@ -562,6 +587,12 @@ def krylov_block(k: int) -> int:
     return max(16, min(128, k // 2))
 
 
+#: Widest Krylov block for which a wide matrix's Krylov space is built on its long side, so that
+#: the fused pass of _gram_pass applies: 4096×11008 at b = 16 17.3 ms a step vs 23.8 ms as two
+#: GEMMs on the transposed view, at b = 32 30.8 vs 33.0 ms, which does not pay for the longer
+#: basis vectors (2-core Xeon).
+FUSED_MAX_BLOCK = 16
+
 #: Krylov basis at most this many columns (and at most n/2): past it the s·b eigenproblems of the
 #: test and the basis itself cost more than the Gram-eigen route the rest is left to.
 KRYLOV_MAX_WIDTH = 1536
@@ -586,10 +617,10 @@ def _make_omega(n: int, l: int, dtype: torch.dtype, device: torch.device, genera
 
 
 def _truncated_svd_tall(
-    A: Tensor, k: int, oversample: int | None, n_iter: int | None, tol: float | None, method: str,
-    generator: torch.Generator | None,
+    A: Tensor, k: int, sq_norms: Tensor, oversample: int | None, n_iter: int | None, tol: float | None,
+    method: str, generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Dispatch on a tall stack A [B, m, n] (m ≥ n) in the compute dtype."""
+    """Dispatch on a tall stack A [B, m, n] (m ≥ n) in the compute dtype; sq_norms [B] = ‖A‖²_F."""
     m, n = A.shape[-2:]
     if method != "auto":
         A = A.contiguous()
@@ -614,8 +645,16 @@ def _truncated_svd_tall(
     steps = krylov_max_steps(m, n, k, l, b, A.device)
     if n_iter is not None:
         steps = min(steps, n_iter)
-    omega = _make_omega(n, b, A.dtype, A.device, generator)
-    (U, S, V), done, _ = _block_krylov(A, k, b, omega, steps, tol, l - 1)
+    storage = A.transpose(-2, -1)
+    if A.stride(-1) != 1 and b <= FUSED_MAX_BLOCK and fused_worthwhile(storage):
+        # a wide matrix (A a transposed view of its row-major storage): the Krylov space of the
+        # storage's Gram, on its long side, lets each step read the storage rows once
+        # (_gram_pass); its vectors are m long instead of n, which costs little at b ≤ 16
+        omega = _make_omega(m, b, A.dtype, A.device, generator)
+        (V, S, U), done, _ = _block_krylov(storage, k, b, omega, steps, tol, l - 1, sq_norms)
+    else:
+        omega = _make_omega(n, b, A.dtype, A.device, generator)
+        (U, S, V), done, _ = _block_krylov(A, k, b, omega, steps, tol, l - 1, sq_norms)
     if not bool(done.all()):
         bad = (~done).nonzero().flatten()
         Ug, Sg, Vg = _gram_refined(A[bad].contiguous(), k, l, tol)
@@ -655,8 +694,16 @@ def truncated_svd(
         TypeError: A is not a floating tensor.
         ValueError: A has fewer than 2 dims, contains NaN/Inf, or k is outside 1..min(m, n).
     """
-    _check_input(A, k)
+    sq_norms = _check_input(A, k)
     _check_options(method, oversample, n_iter, tol)
+    return _truncated_svd_checked(A, k, sq_norms, oversample, n_iter, tol, method, generator)
+
+
+def _truncated_svd_checked(
+    A: Tensor, k: int, sq_norms: Tensor, oversample: int | None, n_iter: int | None, tol: float | None,
+    method: str, generator: torch.Generator | None,
+) -> SVDResult:
+    """truncated_svd after the checks; ``sq_norms`` [...] = ‖A‖²_F per matrix from _check_input."""
     lead = A.shape[:-2]
     m, n = A.shape[-2:]
     dt = _compute_dtype(A.dtype)
@@ -671,7 +718,7 @@ def truncated_svd(
     else:
         # a wide matrix stays a transposed view: the GEMMs of the Krylov route take it as it is
         # (a copy of a 4096×11008 matrix costs 0.17 s), the other routes copy it themselves
-        U, S, V = _truncated_svd_tall(X, k, oversample, n_iter, tol, method, generator)
+        U, S, V = _truncated_svd_tall(X, k, sq_norms.reshape(-1), oversample, n_iter, tol, method, generator)
     if wide:
         U, V = V, U
     U, S, V = _finish(U, S, V, m, n)
@@ -695,10 +742,11 @@ def _is_gpu_failure(exc: BaseException) -> bool:
     return False
 
 
-def _svd_group(X: Tensor, k: int, opts: dict[str, Any], label: str) -> SVDResult:
-    """truncated_svd on one stacked group; on a CUDA failure, warn and redo it on the CPU."""
+def _svd_group(X: Tensor, k: int, sq_norms: Tensor, opts: dict[str, Any], label: str) -> SVDResult:
+    """truncated_svd on one checked stacked group (sq_norms [B] its ‖A‖²_F); on a CUDA failure,
+    warn and redo it on the CPU."""
     try:
-        return truncated_svd(X, k, **opts)
+        return _truncated_svd_checked(X, k, sq_norms, **opts)
     except Exception as exc:
         if not _is_gpu_failure(exc):
             raise
@@ -711,7 +759,7 @@ def _svd_group(X: Tensor, k: int, opts: dict[str, Any], label: str) -> SVDResult
         gen = opts.get("generator")
         if gen is not None and gen.device.type != "cpu":
             opts = {**opts, "generator": torch.Generator().manual_seed(gen.initial_seed())}
-        U, S, V = truncated_svd(X.cpu(), k, **opts)
+        U, S, V = _truncated_svd_checked(X.cpu(), k, sq_norms.cpu(), **opts)
         return SVDResult(U.to(X.device), S.to(X.device), V.to(X.device))
 
 
@@ -786,8 +834,9 @@ def batched_truncated_svd(
     is_map = isinstance(mats, Mapping)
     items = list(mats.items()) if is_map else list(enumerate(mats))
     _check_options(method, oversample, n_iter, tol)
-    for key, A in items:
-        _check_input(A, k, name=f"matrix {key!r}" if is_map else f"matrix [{key}]")
+    # each matrix checked once, here (its ‖A‖²_F kept for the Krylov route's test)
+    sq_norms = {key: _check_input(A, k, name=f"matrix {key!r}" if is_map else f"matrix [{key}]")
+                for key, A in items}
     if cache_dir is None:
         cache_dir = os.environ.get(CACHE_ENV_VAR) or None
     # every group draws its sketch from the generator's state at entry, so a matrix's result does
@@ -822,7 +871,8 @@ def batched_truncated_svd(
                 label = f"{len(members)} matrices of shape {shape}" if len(members) > 1 else f"matrix {members[0][0]!r}"
                 bar.set_postfix_str(f"{len(members)}×{shape}")
                 X = members[0][1][None] if len(members) == 1 else torch.stack([A for _, A, _ in members])
-                U, S, V = _svd_group(X, k, group_opts(), label)
+                sq = torch.stack([sq_norms[key] for key, _, _ in members])
+                U, S, V = _svd_group(X, k, sq, group_opts(), label)
                 for i, (key, _, ckey) in enumerate(members):
                     res = SVDResult(U[i], S[i], V[i])
                     results[key] = res

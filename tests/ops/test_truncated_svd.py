@@ -346,19 +346,19 @@ def _model_like():
 def test_batched_structure_grouping_and_equality(monkeypatch):
     mats = _model_like()
     calls = []
-    real = tsvd.truncated_svd
+    real = tsvd._truncated_svd_checked
 
-    def counting(X, k, **kw):
+    def counting(X, k, *args, **kw):
         calls.append(tuple(X.shape))
-        return real(X, k, **kw)
+        return real(X, k, *args, **kw)
 
-    monkeypatch.setattr(tsvd, "truncated_svd", counting)
+    monkeypatch.setattr(tsvd, "_truncated_svd_checked", counting)
     out = batched_truncated_svd(mats, 6, progress=False)
     assert list(out) == list(mats), "keys or their order changed"
     assert sorted(calls) == sorted([(2, 64, 48), (1, 96, 48), (1, 48, 96)]), f"same shapes not stacked: {calls}"
     for name, A in mats.items():
         assert_contract(A, 6, out[name], name)
-        single = real(A, 6)
+        single = truncated_svd(A, 6)
         torch.testing.assert_close(out[name].S, single.S, rtol=1e-5, atol=1e-6)
     as_list = batched_truncated_svd(list(mats.values()), 6, progress=False)
     assert isinstance(as_list, list) and len(as_list) == 4
@@ -406,16 +406,16 @@ def test_batched_cache_dir_from_env(tmp_path: Path, monkeypatch):
     RuntimeError("cusolver error: CUSOLVER_STATUS_EXECUTION_FAILED, when calling `cusolverDnSgesvdj`"),
 ])
 def test_gpu_failure_falls_back_to_cpu_and_says_so(monkeypatch, exc):
-    real = tsvd.truncated_svd
+    real = tsvd._truncated_svd_checked
     failed = []
 
-    def flaky(X, k, **kw):
+    def flaky(X, k, *args, **kw):
         if not failed:  # the "GPU" attempt
             failed.append(True)
             raise exc
-        return real(X, k, **kw)
+        return real(X, k, *args, **kw)
 
-    monkeypatch.setattr(tsvd, "truncated_svd", flaky)
+    monkeypatch.setattr(tsvd, "_truncated_svd_checked", flaky)
     mats = {"w": with_spectrum(40, 30, spectrum("exp", 30))}
     with pytest.warns(RuntimeWarning, match=r"GPU path failed for matrix 'w'.*on the CPU"):
         out = batched_truncated_svd(mats, 3, progress=False)
@@ -423,10 +423,10 @@ def test_gpu_failure_falls_back_to_cpu_and_says_so(monkeypatch, exc):
 
 
 def test_other_errors_are_not_swallowed(monkeypatch):
-    def broken(X, k, **kw):
+    def broken(X, k, *args, **kw):
         raise RuntimeError("some unrelated bug")
 
-    monkeypatch.setattr(tsvd, "truncated_svd", broken)
+    monkeypatch.setattr(tsvd, "_truncated_svd_checked", broken)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match="unrelated"):
@@ -526,20 +526,21 @@ def test_batched_large_matrices_loop_equals_single_calls(monkeypatch):
     # on a CPU, matrices above _CPU_STACK_MAX_ELEMENTS run one at a time (a stack would copy them all
     # and run until the slowest converges): the results are exactly those of single calls
     calls = []
-    real = tsvd.truncated_svd
+    real = tsvd._truncated_svd_checked
 
-    def counting(X, k, **kw):
+    def counting(X, k, *args, **kw):
         calls.append(tuple(X.shape))
-        return real(X, k, **kw)
+        return real(X, k, *args, **kw)
 
     mats = {f"w{i}": with_spectrum(1100, 1000, torch.arange(1, 1001, dtype=torch.float64) ** -(0.3 + 0.1 * i), seed=i)
             for i in range(3)}
     mats["wide"] = with_spectrum(1000, 1100, spectrum("power0.5", 1000), seed=9)
-    monkeypatch.setattr(tsvd, "truncated_svd", counting)
+    monkeypatch.setattr(tsvd, "_truncated_svd_checked", counting)
     out = batched_truncated_svd(mats, 10, progress=False, generator=torch.Generator().manual_seed(1))
     assert sorted(calls) == sorted([(1, 1100, 1000)] * 3 + [(1, 1000, 1100)]), calls
+    monkeypatch.undo()
     for name, A in mats.items():
-        single = real(A, 10, generator=torch.Generator().manual_seed(1))
+        single = truncated_svd(A, 10, generator=torch.Generator().manual_seed(1))
         for x, y in zip(out[name], single):
             assert torch.equal(x, y), name
         assert_contract(A, 10, out[name], name)
@@ -548,7 +549,7 @@ def test_batched_large_matrices_loop_equals_single_calls(monkeypatch):
 def test_non_finite_found_when_the_norm_overflows():
     # entries near float32's max overflow the norm of the fast check: the entry-wise check decides
     big = torch.full((40, 30), 3e38)
-    assert tsvd._check_input(big, 2) is big
+    torch.testing.assert_close(tsvd._check_input(big, 2), torch.tensor(1200 * 3e38 ** 2, dtype=torch.float64))
     big[3, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         tsvd._check_input(big, 2)

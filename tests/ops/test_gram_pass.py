@@ -1,0 +1,93 @@
+"""The fused Krylov pass (spectral_kernels/ops/_gram_pass.py): C = A·X and Zᵀ = (Aᵀ·A·X)ᵀ in one
+read of A, against float64 products, and the truncated SVD taking it (forced on small matrices)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spectral_kernels.ops import _gram_pass as gp
+from spectral_kernels.ops import truncated_svd as tsvd
+from spectral_kernels.ops.truncated_svd import truncated_svd
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("B,m,n,b", [(1, 203, 77, 5), (2, 131, 190, 16), (1, 17, 40, 3)])
+def test_products_match_float64(monkeypatch, workers, B, m, n, b):
+    monkeypatch.setattr(gp, "CHUNK_BYTES", 7 * n * 4)  # 16-row chunks (MIN_CHUNK_ROWS), a ragged last one
+    g = torch.Generator().manual_seed(m + n + b)
+    A = torch.randn(B, m, n, generator=g)
+    X = torch.randn(B, n, b, generator=g)
+    C, ZT = gp.gram_products(A, X, workers)
+    C64 = A.double() @ X.double()
+    Z64 = A.double().mT @ C64
+    assert C.shape == (B, m, b) and ZT.shape == (B, b, n)
+    assert C.dtype == A.dtype and ZT.dtype == A.dtype
+    # as accurate as plain fp32 GEMMs: error relative to the products' scale
+    assert (C.double() - C64).abs().max() <= 1e-5 * C64.abs().max()
+    assert (ZT.double().mT - Z64).abs().max() <= 1e-5 * Z64.abs().max()
+
+
+def test_products_deterministic_and_thread_count_consistent():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(1, 300, 64, generator=g)
+    X = torch.randn(1, 64, 8, generator=g)
+    a = gp.gram_products(A, X, 2)
+    b = gp.gram_products(A, X, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    one = gp.gram_products(A, X, 1)
+    torch.testing.assert_close(a[1], one[1], rtol=1e-5, atol=1e-4)
+
+
+def test_products_accept_a_strided_x_and_float64():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(1, 90, 50, generator=g, dtype=torch.float64)
+    X = torch.randn(1, 8, 50, generator=g, dtype=torch.float64).mT  # a transposed view
+    C, ZT = gp.gram_products(A, X, 2)
+    torch.testing.assert_close(C, A @ X)
+    torch.testing.assert_close(ZT.mT, A.mT @ (A @ X))
+
+
+def test_worthwhile_only_for_large_cpu_row_major():
+    big = torch.empty(1, 4096, 2048)  # 32 MB
+    assert gp.fused_worthwhile(big)
+    assert not gp.fused_worthwhile(torch.empty(1, 1024, 1024))
+    assert not gp.fused_worthwhile(big.mT)  # columns contiguous: rows are not
+
+
+def _with_spectrum(m, n, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = s.numel()
+    P, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+    Q, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+    return ((P * s) @ Q.T).float()
+
+
+@pytest.mark.parametrize("m,n,k", [(1300, 700, 12), (700, 1300, 12), (900, 1250, 24)])
+def test_truncated_svd_through_the_fused_pass_meets_the_contract(monkeypatch, m, n, k):
+    # forced onto the fused pass (and, wide, onto the Krylov space of the storage's long side)
+    monkeypatch.setattr(gp, "MIN_FUSED_BYTES", 0)
+    calls = []
+    real = gp.gram_products
+
+    def spy(A, X, workers):
+        calls.append((tuple(A.shape), X.shape[-1]))
+        return real(A, X, workers)
+
+    monkeypatch.setattr(tsvd, "gram_products", spy)
+    r = min(m, n)
+    s = torch.arange(1, r + 1, dtype=torch.float64) ** -0.4
+    A = _with_spectrum(m, n, s, seed=m + k)
+    res = truncated_svd(A, k)
+    # every step read A in its stored [m, n] layout (a wide one too: its Krylov space on the long side)
+    assert calls and all(shape == (1, m, n) for shape, _ in calls), calls
+    A64 = A.double()
+    s_true = torch.linalg.svdvals(A64)
+    U, S, V = (t.double() for t in res)
+    assert U.shape == (m, k) and V.shape == (n, k)
+    assert ((S - s_true[:k]).abs() / s_true[:k]).max() <= 1e-3
+    resid = torch.linalg.matrix_norm(A64 - (U * S) @ V.T)
+    assert resid <= 1.001 * torch.linalg.vector_norm(s_true[k:])
+    assert (U.T @ U - torch.eye(k, dtype=torch.float64)).abs().max() <= 1e-5
+    assert (V.T @ V - torch.eye(k, dtype=torch.float64)).abs().max() <= 1e-5
+    # A·V = U·diag(S): the factors belong together, whichever side the Krylov space was on
+    torch.testing.assert_close(A64 @ V, U * S, atol=1e-4 * float(S[0]), rtol=0)
