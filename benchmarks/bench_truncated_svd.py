@@ -21,6 +21,7 @@ Cases (issue 4 goals):
   2 cores), and a second run from the SVD cache.
 
     python benchmarks/bench_truncated_svd.py --llm --quick   # < 3 min on a quiet 2-core CPU
+    python benchmarks/bench_truncated_svd.py --llm --medium  # k = 256, 14336×4096, flat tops (the quick grid)
     python benchmarks/bench_truncated_svd.py --llm --json benchmarks/results/truncated_svd_llm_cpu.json
 
 The test matrices A = P·diag(s)·Qᵀ reuse one pair of random orthonormal factors per shape (QR
@@ -408,7 +409,8 @@ def run_llm(args) -> dict:
     torch.set_num_threads(args.threads)
     F = Factors()
     t_start = time.perf_counter()
-    out = {"benchmark": "truncated_svd_llm", "mode": "quick" if args.quick else "full",
+    mode = "quick" if args.quick else ("medium" if args.medium else "full")
+    out = {"benchmark": "truncated_svd_llm", "mode": mode,
            "device": device_name("cpu"), "torch": torch.__version__, "python": platform.python_version(),
            "commit": git_commit(), "threads": torch.get_num_threads(), "reps": args.reps,
            "timing": "median of reps interleaved rounds after one warm-up (time.perf_counter)",
@@ -416,22 +418,27 @@ def run_llm(args) -> dict:
     if args.quick:
         plan = [((4096, 4096), 16, "power0.3"), ((4096, 4096), 64, "power0.3"), ((4096, 4096), 16, "flat"),
                 ((11008, 4096), 16, "power0.5"), ((4096, 11008), 64, "power0.5")]
+    elif args.medium:
+        # one case per shape and rank the quick mode leaves out, flat tops at both sizes
+        plan = [((4096, 4096), 256, "power0.3"), ((11008, 4096), 64, "power0.3"), ((11008, 4096), 256, "power0.5"),
+                ((4096, 11008), 16, "power0.5"), ((14336, 4096), 16, "power0.5"), ((14336, 4096), 64, "power0.3"),
+                ((11008, 4096), 16, "flat"), ((4096, 4096), 64, "flat")]
     else:
         plan = [((m, n), k, sp) for (m, n) in ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))
                 for sp in ("power0.3", "power0.5", "flat") for k in (16, 64, 256)]
     for (m, n), k, sp in plan:
-        case = bench_llm_case(F, m, n, k, sp, args.reps, args.quick)
+        case = bench_llm_case(F, m, n, k, sp, args.reps, args.quick or args.medium)
         out["cases"].append(case)
         checkpoint(args, out)
         print(f"{case['case']:>22} k={k:<3} ours {case['rows']['truncated_svd(auto)']['time_s']:.3f}s "
               f"tuned lowrank {case['tuned_lowrank']} speedup {case.get('speedup_vs_tuned_lowrank', float('nan')):.2f} "
               f"contract {case['rows']['truncated_svd(auto)']['contract_met']} load {case['loadavg_after']}",
               file=sys.stderr, flush=True)
-    for sp in (("power",) if args.quick else ("power", "flat")):
+    for sp in (("power",) if args.quick else ("flat",) if args.medium else ("power", "flat")):
         out["llama_layer"].append(bench_llama_layer(F, sp, 16, max(1, args.reps // 2)))
         checkpoint(args, out)
         print(json.dumps(out["llama_layer"][-1]), file=sys.stderr, flush=True)
-    if not args.quick:
+    if not (args.quick or args.medium):
         A, s = F.matrix(4096, 4096, "power0.3")
         t0 = time.perf_counter()
         torch.linalg.svd(A, full_matrices=False)
@@ -449,12 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--llm", action="store_true", help="the LLM-shape cases against a tuned svd_lowrank (CPU)")
     ap.add_argument("--quick", action="store_true", help="with --llm: 5 cases and one layer (< 3 min quiet)")
+    ap.add_argument("--medium", action="store_true",
+                    help="with --llm: 8 cases the quick mode leaves out (k = 256, 14336×4096, flat tops) "
+                         "and the flat-spectrum layer")
     ap.add_argument("--threads", type=int, default=2, help="with --llm: torch.set_num_threads (default 2)")
     args = ap.parse_args(argv)
     dev = args.device
     if args.llm:
         if args.reps == 15:  # the default of the small cases: fewer rounds at these sizes
-            args.reps = 3 if args.quick else 5
+            args.reps = 3 if args.quick or args.medium else 5
         results = run_llm(args)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
