@@ -19,9 +19,9 @@ Methods (``method=``):
   Householder fallback (``_orthonormalize.py``). With ``tol`` it stops when the convergence test
   below passes, else it runs ``n_iter`` iterations.
 - ``"auto"`` (default): two checked routes, chosen per shape by a measured cost model
-  (``iteration_budget``: how many randomized iterations cost as much as the Gram-eigen route).
+  (``krylov_budget``: how many block Krylov steps cost as much as the Gram-eigen route).
 
-  * Gram-eigen route, taken directly when that budget is below ``MIN_RANDOMIZED_BUDGET`` = 12
+  * Gram-eigen route, taken directly when that budget is below ``MIN_KRYLOV_STEPS`` = 24
     (small n, or k + p not much smaller than n; e.g. all of MiniLM's 384-wide matrices): G = AᵀA
     and eigh(G) in the working precision (float32 for float32 input, about 2× cheaper than
     float64 and 2-3× cheaper than torch.linalg.svd at n = 384), whose top l = k + p eigenvectors
@@ -30,12 +30,14 @@ Methods (``method=``):
     = 3 iterations are allowed; items that still fail the test, or whose eigh fails, are redone
     by the float64 ``"gram"`` route.
   * Otherwise randomized block Krylov (Musco & Musco 2015, :func:`_block_krylov`): blocks of
-    b = k/2 (16..128) columns, Krylov basis [Ω, AᵀA·Ω, (AᵀA)²·Ω, …] kept whole, Rayleigh-Ritz on
+    b = k/2 (16..64) columns, Krylov basis [Ω, AᵀA·Ω, (AᵀA)²·Ω, …] kept whole, Rayleigh-Ritz on
     it, the convergence test below after every step (no extra pass over A: Aᵀ·A·V is the next
     block's product) and the stop at the first step that passes it, with a test tolerance of
     0.5·tol (its estimate was within 2-3× of the true error on power-law and flat spectra at
     4096²). At most ``krylov_max_steps`` steps (a basis of 1536 columns or n/2); items that have
-    not converged are finished by the Gram-eigen route above. ``n_iter`` caps the steps.
+    not converged are finished by the Gram-eigen route above. ``n_iter`` caps the steps. On a
+    large CPU matrix both products of a step read A once (:mod:`._gram_pass`); a wide one then
+    builds its Krylov space on its long side (b ≤ 16), reading its rows as stored.
 
 Convergence test, per matrix, on the Ritz triplets (uᵢ, σ̃ᵢ, vᵢ), i < k, with rᵢ = Aᵀuᵢ − σ̃ᵢvᵢ
 (Aᵀ·Q is the next iteration's first product, so the test costs no extra pass over A); the same
@@ -556,10 +558,11 @@ def _gram_refined(A: Tensor, k: int, l: int, tol: float) -> tuple[Tensor, Tensor
 #: relatively slower; 60·n³ is an unmeasured guess.
 _EIGH_UNITS = {"cpu": 15.0, "cuda": 60.0}
 _ITER_OVERHEAD_UNITS = 3e7
-#: "auto" tries the randomized iteration only when the Gram-eigen route costs at least this many
-#: of its iterations: a fast-decaying spectrum converges in 3-6, a flat one needs 10-20+ (MiniLM's
-#: 384×384 matrices: 19 at p = 16), so below it the eigh route is the better bet.
-MIN_RANDOMIZED_BUDGET = 12
+#: "auto" takes the block Krylov route only when the Gram-eigen route costs at least this many of
+#: its steps: power-law spectra pass the test in 6-15 steps, flat tops need more (and MiniLM's
+#: 384-wide matrices at k = 32, 11-19 steps' worth, converge faster by the eigh route), so below it
+#: the eigh route is the better bet.
+MIN_KRYLOV_STEPS = 24
 #: Subspace iterations (each ending with the test) after the eigh start before the float64 route.
 GRAM_REFINE_ITERS = 3
 
@@ -575,16 +578,18 @@ def _gram_cost(m: int, n: int, k: int, l: int, device: torch.device) -> float:
     return 2.0 * m * n * n + c * n ** 3 + _iteration_cost(m, n, l)
 
 
-def iteration_budget(m: int, n: int, k: int, l: int, device: torch.device) -> int:
-    """Randomized iterations that cost as much as the Gram-eigen route (m ≥ n)."""
-    return int(_gram_cost(m, n, k, l, device) // _iteration_cost(m, n, l))
+def krylov_budget(m: int, n: int, k: int, l: int, b: int, device: torch.device) -> int:
+    """Block Krylov steps (b columns) that cost as much as the Gram-eigen route (m ≥ n)."""
+    return int(_gram_cost(m, n, k, l, device) // _iteration_cost(m, n, b))
 
 
 def krylov_block(k: int) -> int:
-    """Block width b of the block Krylov route: k/2 within 16..128. Below 16 columns a GEMM pass
+    """Block width b of the block Krylov route: k/2 within 16..64. Below 16 columns a GEMM pass
     over A costs nearly as much as at 16 (2-core CPU, 4096²: b = 8 / 16 / 32 take 10 / 7 / 10 ms for
-    A·X and 40 / 10 / 14 ms for Aᵀ·Y); wider blocks than k/2 make the last step overshoot."""
-    return max(16, min(128, k // 2))
+    A·X and 40 / 10 / 14 ms for Aᵀ·Y); wider blocks than k/2 make the last step overshoot, and
+    past 64 the basis grows faster than the error falls (k = 256, 2-core Xeon: 4096² at b = 64 /
+    128 0.87 / 1.02 s, 11008×4096 at b = 48 / 64 / 96 1.14 / 1.15 / 1.39 s)."""
+    return max(16, min(64, k // 2))
 
 
 #: Widest Krylov block for which a wide matrix's Krylov space is built on its long side, so that
@@ -637,11 +642,11 @@ def _truncated_svd_tall(
         return U, S, V
     # auto
     tol = CONTRACT_TOL if tol is None else tol
-    budget = iteration_budget(m, n, k, l, A.device)
-    cap = budget if n_iter is None else min(budget, n_iter)
-    if budget < MIN_RANDOMIZED_BUDGET or cap < 3:
-        return _gram_refined(A.contiguous(), k, l, tol)
     b = krylov_block(k)
+    budget = krylov_budget(m, n, k, l, b, A.device)
+    cap = budget if n_iter is None else min(budget, n_iter)
+    if budget < MIN_KRYLOV_STEPS or cap < 3:
+        return _gram_refined(A.contiguous(), k, l, tol)
     steps = krylov_max_steps(m, n, k, l, b, A.device)
     if n_iter is not None:
         steps = min(steps, n_iter)

@@ -129,10 +129,14 @@ def _spy(monkeypatch, name):
 def test_auto_cost_model_routes_small_n_to_the_eigh_route():
     cpu = torch.device("cpu")
     # MiniLM's shapes (tall orientation, k = 32, l = 48) go straight to the eigh route ...
+    b = tsvd.krylov_block(32)
     for m, n in [(384, 384), (1536, 384)]:
-        assert tsvd.iteration_budget(m, n, 32, 48, cpu) < tsvd.MIN_RANDOMIZED_BUDGET, (m, n)
-    # ... a 1536×1024 matrix tries the randomized iteration first
-    assert tsvd.iteration_budget(1536, 1024, 32, 48, cpu) >= tsvd.MIN_RANDOMIZED_BUDGET
+        assert tsvd.krylov_budget(m, n, 32, 48, b, cpu) < tsvd.MIN_KRYLOV_STEPS, (m, n)
+    # ... a 1536×1024 matrix tries the block Krylov route first
+    assert tsvd.krylov_budget(1536, 1024, 32, 48, b, cpu) >= tsvd.MIN_KRYLOV_STEPS
+    # ... and so do LLM weights at k = 256 (the eigh of a 4096² Gram is seconds on a CPU)
+    for m, n in [(4096, 4096), (11008, 4096), (14336, 4096)]:
+        assert tsvd.krylov_budget(m, n, 256, 384, tsvd.krylov_block(256), cpu) >= tsvd.MIN_KRYLOV_STEPS, (m, n)
 
 
 @pytest.mark.parametrize("name", ["flat", "near_flat_noise", "power1", "slow_log"])
@@ -488,7 +492,7 @@ def _logspace_flat(r: int) -> torch.Tensor:
 @pytest.mark.parametrize("m,n,k,name", [(1203, 811, 20, "power0.3"), (811, 1203, 20, "flat_top"),
                                         (1100, 1001, 33, "near_flat_linear"), (1001, 1100, 7, "power0.5")])
 def test_krylov_route_contract_odd_and_wide_shapes(monkeypatch, m, n, k, name):
-    assert tsvd.iteration_budget(max(m, n), min(m, n), k, k + 16, torch.device("cpu")) >= tsvd.MIN_RANDOMIZED_BUDGET
+    assert tsvd.krylov_budget(max(m, n), min(m, n), k, k + 16, tsvd.krylov_block(k), torch.device("cpu")) >= tsvd.MIN_KRYLOV_STEPS
     krylov = _spy(monkeypatch, "_block_krylov")
     fallback = _spy(monkeypatch, "_gram_refined")
     r = min(m, n)
