@@ -48,9 +48,9 @@ def test_products_accept_a_strided_x_and_float64():
 
 
 def test_worthwhile_only_for_large_cpu_row_major():
-    big = torch.empty(1, 4096, 2048)  # 32 MB
+    big = torch.empty(1, 8192, 4096)  # 128 MB
     assert gp.fused_worthwhile(big)
-    assert not gp.fused_worthwhile(torch.empty(1, 1024, 1024))
+    assert not gp.fused_worthwhile(torch.empty(1, 4096, 4096))  # 64 MB: stays in cache
     assert not gp.fused_worthwhile(big.mT)  # columns contiguous: rows are not
 
 
