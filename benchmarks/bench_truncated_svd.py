@@ -424,8 +424,11 @@ def run_llm(args) -> dict:
                 ((4096, 11008), 16, "power0.5"), ((14336, 4096), 16, "power0.5"), ((14336, 4096), 64, "power0.3"),
                 ((11008, 4096), 16, "flat"), ((4096, 4096), 64, "flat")]
     else:
-        plan = [((m, n), k, sp) for (m, n) in ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))
-                for sp in ("power0.3", "power0.5", "flat") for k in (16, 64, 256)]
+        # k outermost: a run stopped early (the results are written after every case) has every
+        # shape and spectrum at the small ranks
+        plan = [((m, n), k, sp) for k in (16, 64, 256)
+                for (m, n) in ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))
+                for sp in ("power0.3", "power0.5", "flat")]
     for (m, n), k, sp in plan:
         case = bench_llm_case(F, m, n, k, sp, args.reps, args.quick or args.medium)
         out["cases"].append(case)
