@@ -107,11 +107,13 @@ class SVDResult(NamedTuple):
 
 # --- argument checks ---------------------------------------------------------------------------
 def _sq_norms(A: Tensor) -> Tensor:
-    """‖A‖²_F per matrix [...] in float64: row norms along A's contiguous dimension in A's dtype
-    (parallel, and accurate: 5e-9 relative at 11008×4096 fp32, where one fp32 norm of the whole
-    matrix was off by 7e-3), summed in float64. 6 ms at 11008×4096 on 2 cores."""
+    """‖A‖²_F per matrix [...] in float64: row norms along A's contiguous dimension, computed in
+    float32 (float64 for float64 input; parallel, and accurate: 5e-9 relative at 11008×4096 fp32,
+    where one fp32 norm of the whole matrix was off by 7e-3), summed in float64. 6 ms at
+    11008×4096 on 2 cores."""
     dim = -1 if A.stride(-1) == 1 or A.stride(-2) != 1 else -2
-    return torch.linalg.vector_norm(A, dim=dim).to(torch.float64).square().sum(-1)
+    acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(A, dim=dim, dtype=acc).to(torch.float64).square().sum(-1)
 
 
 def _check_input(A: object, k: object, name: str = "A") -> Tensor:
@@ -136,7 +138,7 @@ def _check_input(A: object, k: object, name: str = "A") -> Tensor:
     # parallel reduction, 20× cheaper than isfinite(A).all() on an 11008×4096 matrix; only a
     # non-finite norm (or an overflowing one, |entries| near the dtype's max) takes the entry-wise
     # check, and then the norms in float64
-    sq = _sq_norms(A)
+    sq = _sq_norms(A.detach())
     if not bool(torch.isfinite(sq).all()):
         if not bool(torch.isfinite(A).all()):
             where = ""
@@ -144,7 +146,7 @@ def _check_input(A: object, k: object, name: str = "A") -> Tensor:
                 bad = (~torch.isfinite(A)).flatten(-2).any(-1).nonzero()[0].tolist()
                 where = f" (batch index {tuple(bad)})"
             raise ValueError(f"{name} contains NaN or Inf{where}; the SVD of a non-finite matrix is undefined")
-        sq = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64) ** 2
+        sq = torch.linalg.vector_norm(A.detach(), dim=(-2, -1), dtype=torch.float64) ** 2
     return sq
 
 
@@ -699,6 +701,7 @@ def truncated_svd(
     Returns:
         SVDResult(U [..., m, k], S [..., k] descending, V [..., n, k]) in float32 (float64 for
         float64 input), on A's device, signs fixed (largest-|.| entry of each U column positive).
+        Not differentiable: A is detached (a Parameter may be passed as it is).
 
     Raises:
         TypeError: A is not a floating tensor.
@@ -714,6 +717,7 @@ def _truncated_svd_checked(
     method: str, generator: torch.Generator | None,
 ) -> SVDResult:
     """truncated_svd after the checks; ``sq_norms`` [...] = ‖A‖²_F per matrix from _check_input."""
+    A = A.detach()  # no autograd graph through the iterations (and the fused pass writes with out=)
     lead = A.shape[:-2]
     m, n = A.shape[-2:]
     dt = _compute_dtype(A.dtype)

@@ -105,3 +105,16 @@ def test_stack_through_the_fused_pass_equals_items_alone(monkeypatch):
         torch.testing.assert_close(res.S[i], alone.S, rtol=1e-5, atol=0)
         s_true = torch.linalg.svdvals(A[i].double())[:10]
         assert ((res.S[i].double() - s_true).abs() / s_true).max() <= 1e-3
+
+
+def test_parameter_input_on_the_fused_pass(monkeypatch):
+    # a Parameter (requires_grad) is detached: no autograd graph, and the fused pass's out= GEMMs work
+    monkeypatch.setattr(gp, "MIN_FUSED_BYTES", 0)
+    W = torch.nn.Parameter(_with_spectrum(900, 500, torch.arange(1, 501, dtype=torch.float64) ** -0.5, seed=3))
+    for X in (W, W.T):
+        U, S, V = truncated_svd(X, 8)
+        assert not (U.requires_grad or S.requires_grad or V.requires_grad)
+        s_true = torch.linalg.svdvals(W.detach().double())[:8]
+        assert ((S.double() - s_true).abs() / s_true).max() <= 1e-3
+    out = tsvd.batched_truncated_svd({"w": W}, 8, progress=False)
+    assert not out["w"].S.requires_grad

@@ -595,3 +595,16 @@ def test_krylov_route_stack_items_stopping_at_different_steps(monkeypatch):
         assert_contract(A[i], 12, (res.U[i], res.S[i], res.V[i]), f"item {i}")
         alone = truncated_svd(A[i], 12)
         torch.testing.assert_close(res.S[i], alone.S, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_input_check_returns_accurate_squared_norms(dtype):
+    # the Krylov route's residual test takes ‖A‖²_F from the input check: accumulated in float32
+    # (float64 for float64) whatever the input dtype, per matrix of a stack, for either layout
+    g = torch.Generator().manual_seed(5)
+    A = (torch.randn(3, 700, 300, generator=g) * 3).to(dtype)
+    exact = (A.double() ** 2).sum((-2, -1))
+    for X in (A, A.transpose(-2, -1)):
+        sq = tsvd._check_input(X, 4)
+        assert sq.dtype == torch.float64 and sq.shape == (3,)
+        torch.testing.assert_close(sq, exact, rtol=1e-6, atol=0)
