@@ -30,7 +30,7 @@ Methods (``method=``):
     = 3 iterations are allowed; items that still fail the test, or whose eigh fails, are redone
     by the float64 ``"gram"`` route.
   * Otherwise randomized block Krylov (Musco & Musco 2015, :func:`_block_krylov`): blocks of
-    b = k/2 (16..64) columns, Krylov basis [Ω, AᵀA·Ω, (AᵀA)²·Ω, …] kept whole, Rayleigh-Ritz on
+    b = k/2 (16..64; 16..128 on CUDA) columns, Krylov basis [Ω, AᵀA·Ω, (AᵀA)²·Ω, …] kept whole, Rayleigh-Ritz on
     it, the convergence test below after every step (no extra pass over A: Aᵀ·A·V is the next
     block's product) and the stop at the first step that passes it, with a test tolerance of
     0.5·tol (its estimate was within 2-3× of the true error on power-law and flat spectra at
@@ -590,13 +590,15 @@ def krylov_budget(m: int, n: int, k: int, l: int, b: int, device: torch.device) 
     return int(_gram_cost(m, n, k, l, device) // _iteration_cost(m, n, b))
 
 
-def krylov_block(k: int) -> int:
-    """Block width b of the block Krylov route: k/2 within 16..64. Below 16 columns a GEMM pass
+def krylov_block(k: int, device: torch.device | None = None) -> int:
+    """Block width b of the block Krylov route: k/2 within 16..64 (16..128 on CUDA, where the
+    64-column cap has not been measured and more, narrower steps cost launch latency). Below 16 columns a GEMM pass
     over A costs nearly as much as at 16 (2-core CPU, 4096²: b = 8 / 16 / 32 take 10 / 7 / 10 ms for
     A·X and 40 / 10 / 14 ms for Aᵀ·Y); wider blocks than k/2 make the last step overshoot, and
     past 64 the basis grows faster than the error falls (k = 256, 2-core Xeon: 4096² at b = 64 /
     128 0.87 / 1.02 s, 11008×4096 at b = 48 / 64 / 96 1.14 / 1.15 / 1.39 s)."""
-    return max(16, min(64, k // 2))
+    cap = 128 if device is not None and device.type == "cuda" else 64
+    return max(16, min(cap, k // 2))
 
 
 #: Widest Krylov block for which a wide matrix's Krylov space is built on its long side, so that
@@ -649,7 +651,7 @@ def _truncated_svd_tall(
         return U, S, V
     # auto
     tol = CONTRACT_TOL if tol is None else tol
-    b = krylov_block(k)
+    b = krylov_block(k, A.device)
     budget = krylov_budget(m, n, k, l, b, A.device)
     cap = budget if n_iter is None else min(budget, n_iter)
     if budget < MIN_KRYLOV_STEPS or cap < 3:

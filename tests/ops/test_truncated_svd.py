@@ -608,3 +608,11 @@ def test_input_check_returns_accurate_squared_norms(dtype):
         sq = tsvd._check_input(X, 4)
         assert sq.dtype == torch.float64 and sq.shape == (3,)
         torch.testing.assert_close(sq, exact, rtol=1e-6, atol=0)
+
+
+def test_krylov_block_widths():
+    # k/2 within 16..64 on a CPU; CUDA keeps the 128-column cap it was measured with
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [tsvd.krylov_block(k, cpu) for k in (4, 16, 64, 128, 256, 512)] == [16, 16, 32, 64, 64, 64]
+    assert [tsvd.krylov_block(k, cuda) for k in (16, 256, 512)] == [16, 128, 128]
+    assert tsvd.krylov_block(256) == 64
