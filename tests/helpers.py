@@ -164,3 +164,37 @@ def cuda_backend_ready() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "needs a CUDA device"
     return _ext.cuda_status(torch.device("cuda"))
+
+
+# --- the truncated SVD's accuracy contract -------------------------------------------------------------
+SV_TOL = 1e-3  # top-k singular values, relative
+RESID_TOL = 1.001  # ‖A − U·diag(S)·Vᵀ‖_F over the optimal rank-k error
+ORTH_TOL = 1e-5  # max |UᵀU − I|, |VᵀV − I| in float32
+
+
+def with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """A = P·diag(s)·Qᵀ with Haar-random P [m, r], Q [n, r], r = len(s)."""
+    g = torch.Generator().manual_seed(seed)
+    P, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))
+    Q, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
+    return ((P * s.to(torch.float64)) @ Q.T).to(dtype)
+
+
+def contract_errors(A: torch.Tensor, k: int, res) -> dict[str, float]:
+    """Relative singular-value error, residual ratio and orthonormality of (U, S, V) vs float64."""
+    A64 = A.to(torch.float64)
+    s = torch.linalg.svdvals(A64)
+    U, S, V = (t.to(torch.float64) for t in res)
+    sv = ((S - s[..., :k]).abs() / s[..., :k]).max().item()
+    resid = torch.linalg.matrix_norm(A64 - (U * S[..., None, :]) @ V.transpose(-2, -1))
+    opt = torch.linalg.vector_norm(s[..., k:], dim=-1)
+    I = torch.eye(k, dtype=torch.float64)
+    orth = max((U.transpose(-2, -1) @ U - I).abs().max().item(), (V.transpose(-2, -1) @ V - I).abs().max().item())
+    return {"sv": sv, "ratio": (resid / opt).max().item(), "orth": orth}
+
+
+def assert_contract(A, k, res, what=""):
+    e = contract_errors(A, k, res)
+    assert e["sv"] <= SV_TOL, f"{what}: singular values off by {e['sv']:.2e} relative (> {SV_TOL})"
+    assert e["ratio"] <= RESID_TOL, f"{what}: residual {e['ratio']:.6f}× optimal (> {RESID_TOL})"
+    assert e["orth"] <= ORTH_TOL, f"{what}: factors orthonormal only to {e['orth']:.2e} (> {ORTH_TOL})"

@@ -17,11 +17,10 @@ worker's own thread), see ``_block_krylov`` in truncated_svd.py.
 """
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 from torch import Tensor
+
+from spectral_kernels._threads import shared_pool
 
 #: Bytes of A per chunk, with at least MIN_CHUNK_ROWS rows: the chunk and the worker's Zᵀ stay in
 #: a core's L2 cache (1-2 MB on current server CPUs). Measured (2-core Xeon, b = 16, ms for both
@@ -35,22 +34,6 @@ MIN_CHUNK_ROWS = 16
 #: truncated_svd, fused vs two GEMMs): 4096² fp32 (64 MB) k = 16 68 vs 64 ms, k = 64 212 vs
 #: 199 ms; 8192×4096 (128 MB) k = 16 122 vs 146 ms; 11008×4096 k = 16 152 vs 184 ms.
 MIN_FUSED_BYTES = 96 << 20
-
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``workers`` threads (recreated when the count changes)."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size != workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spectral-kernels-gram")
-            _pool_size = workers
-        return _pool
 
 
 def fused_worthwhile(A: Tensor) -> bool:
@@ -87,7 +70,7 @@ def gram_products(A: Tensor, X: Tensor, workers: int) -> tuple[Tensor, Tensor]:
         if workers == 1:
             ZT[i] = _rows(A[i], X[i], C[i], 0, m, rows)
             continue
-        pool = _executor(workers - 1)
+        pool = shared_pool("gram", workers - 1)
         # the calling thread takes the first share, the pool the others
         futures = [pool.submit(_rows, A[i], X[i], C[i], bounds[w], bounds[w + 1], rows)
                    for w in range(1, workers)]

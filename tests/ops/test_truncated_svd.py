@@ -13,21 +13,10 @@ import torch
 from spectral_kernels.ops import truncated_svd as tsvd
 from spectral_kernels.ops._orthonormalize import orthonormalize
 from spectral_kernels.ops.truncated_svd import batched_truncated_svd, truncated_svd
-
-SV_TOL = 1e-3  # top-k singular values, relative
-RESID_TOL = 1.001  # ‖A − U·diag(S)·Vᵀ‖_F over the optimal rank-k error
-ORTH_TOL = 1e-5  # max |UᵀU − I|, |VᵀV − I| in float32
+from tests.helpers import ORTH_TOL, RESID_TOL, SV_TOL, assert_contract, contract_errors, with_spectrum
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-def with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
-    """A = P·diag(s)·Qᵀ with Haar-random P [m, r], Q [n, r], r = len(s)."""
-    g = torch.Generator().manual_seed(seed)
-    P, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))
-    Q, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
-    return ((P * s.to(torch.float64)) @ Q.T).to(dtype)
-
-
 def spectrum(name: str, r: int) -> torch.Tensor:
     i = torch.arange(1, r + 1, dtype=torch.float64)
     return {
@@ -40,26 +29,6 @@ def spectrum(name: str, r: int) -> torch.Tensor:
         "slow_log": 1 / torch.log(i + 1),
         "step_at_k": torch.where(i <= 20, 1.0, 0.999),
     }[name]
-
-
-def contract_errors(A: torch.Tensor, k: int, res) -> dict[str, float]:
-    """Relative singular-value error, residual ratio and orthonormality of (U, S, V) vs float64."""
-    A64 = A.to(torch.float64)
-    s = torch.linalg.svdvals(A64)
-    U, S, V = (t.to(torch.float64) for t in res)
-    sv = ((S - s[..., :k]).abs() / s[..., :k]).max().item()
-    resid = torch.linalg.matrix_norm(A64 - (U * S[..., None, :]) @ V.transpose(-2, -1))
-    opt = torch.linalg.vector_norm(s[..., k:], dim=-1)
-    I = torch.eye(k, dtype=torch.float64)
-    orth = max((U.transpose(-2, -1) @ U - I).abs().max().item(), (V.transpose(-2, -1) @ V - I).abs().max().item())
-    return {"sv": sv, "ratio": (resid / opt).max().item(), "orth": orth}
-
-
-def assert_contract(A, k, res, what=""):
-    e = contract_errors(A, k, res)
-    assert e["sv"] <= SV_TOL, f"{what}: singular values off by {e['sv']:.2e} relative (> {SV_TOL})"
-    assert e["ratio"] <= RESID_TOL, f"{what}: residual {e['ratio']:.6f}× optimal (> {RESID_TOL})"
-    assert e["orth"] <= ORTH_TOL, f"{what}: factors orthonormal only to {e['orth']:.2e} (> {ORTH_TOL})"
 
 
 # --- accuracy contract at default settings -------------------------------------------------------------
