@@ -37,7 +37,10 @@ Methods (``method=``):
     4096²). At most ``krylov_max_steps`` steps (a basis of 1536 columns or n/2); items that have
     not converged are finished by the Gram-eigen route above. ``n_iter`` caps the steps. On a
     large CPU matrix both products of a step read A once (:mod:`._gram_pass`); a wide one then
-    builds its Krylov space on its long side (b ≤ 16), reading its rows as stored.
+    builds its Krylov space on its long side (b ≤ 16), reading its rows as stored. On a CPU with
+    AMX, the steps of a float32 matrix of ≥ 16 MB take their products from a bf16 copy of A
+    (:mod:`._low_precision`); the returned triplets and their test then come from fp32 products
+    with A (:func:`_certify`), and a matrix that fails that test is redone on fp32 steps.
 
 Convergence test, per matrix, on the Ritz triplets (uᵢ, σ̃ᵢ, vᵢ), i < k, with rᵢ = Aᵀuᵢ − σ̃ᵢvᵢ
 (Aᵀ·Q is the next iteration's first product, so the test costs no extra pass over A); the same
@@ -68,6 +71,7 @@ gives bitwise the same output.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -79,6 +83,9 @@ from torch import Tensor
 
 from spectral_kernels.ops._checks import FLOAT_DTYPES
 from spectral_kernels.ops._gram_pass import fused_worthwhile, gram_products
+from spectral_kernels.ops._low_precision import (  # noqa: F401  (release_workspace: public here)
+    LOW_DTYPE, low_copy, low_precision_worthwhile, low_products, release_workspace, usable_low_source,
+)
 from spectral_kernels.ops._orthonormalize import num_threads, orthonormalize, small_lapack
 
 METHODS = ("auto", "exact", "gram", "randomized")
@@ -370,6 +377,7 @@ def _project_out(Vb: Tensor, Y: Tensor) -> Tensor:
 
 def _block_krylov(
     A: Tensor, k: int, b: int, omega: Tensor, max_steps: int, tol: float, s_out_index: int, normA2: Tensor,
+    low_source: Tensor | None = None,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, int]:
     """Randomized block Krylov (Musco & Musco 2015) on A [B, m, n] (m ≥ n) from omega [n, b].
 
@@ -394,15 +402,37 @@ def _block_krylov(
     basis), R = Ur·diag(S)·Wrᵀ, U = Q·Ur, V·Wₖ·Wr, so A·V = U·diag(S) and UᵀU = I to rounding.
     The basis and its products are stored transposed ([B, s·b, n]), so each prefix is a view the
     GEMMs take without a copy. The two products of a step read A once where A is a large CPU
-    matrix (:mod:`._gram_pass`). ``normA2`` [B] is ‖A‖²_F (float64, from the input check).
+    matrix (:mod:`._gram_pass`). On a CPU with AMX tiles, a large fp32 A's steps take their
+    products from a bf16 copy of A (:mod:`._low_precision`, 2-3× cheaper a step): the basis then
+    only locates the subspace, and the returned triplets and their test come from fp32 products
+    with A (:func:`_certify`); a matrix whose triplets fail that test is redone in fp32.
+    ``normA2`` [B] is ‖A‖²_F (float64, from the input check). ``low_source``: the bf16 tensor A
+    was converted from, if any (same shape and layout): it then serves as that copy, exactly.
     Returns ((U, S, V), converged [B], steps run).
     """
     nthreads = torch.get_num_threads()
-    # the step's small work (b- and s·b-wide products, the test's eigenproblem, elementwise ops)
-    # runs on one thread, only the passes over A and products above ~5e7 flops on all of them:
-    # see small_lapack (on a loaded 2-core machine each small threaded op stalled 10-30 ms)
+    with contextlib.ExitStack() as stack:
+        low = None
+        if low_precision_worthwhile(A):
+            low = low_source if usable_low_source(A, low_source) else stack.enter_context(low_copy(A))
+        # the step's small work (b- and s·b-wide products, the test's eigenproblem, elementwise
+        # ops) runs on one thread, only the passes over A and products above ~5e7 flops on all
+        # of them: see small_lapack (on a loaded 2-core machine each small threaded op stalled
+        # 10-30 ms)
+        with small_lapack(A):
+            (U, S, V), done, steps, uncertified = _block_krylov_steps(
+                A, k, b, omega, max_steps, tol, s_out_index, normA2, nthreads, low)
     with small_lapack(A):
-        return _block_krylov_steps(A, k, b, omega, max_steps, tol, s_out_index, normA2, nthreads)
+        if bool(uncertified.any()):
+            # the bf16 steps' subspace failed the fp32 test: those matrices again, all in fp32
+            idx = uncertified.nonzero().flatten()
+            sub = slice(None) if bool(uncertified.all()) else idx
+            (Ur, Sr, Vr), done_r, steps_r, _ = _block_krylov_steps(
+                A[sub], k, b, omega, max_steps, tol, s_out_index, normA2[sub], nthreads, None)
+            U[idx], S[idx], V[idx] = Ur, Sr, Vr
+            done = done.index_copy(0, idx, done_r)
+            steps = max(steps, steps_r)
+    return (U, S, V), done, steps
 
 
 def _par(A: Tensor, flops: float, nthreads: int):
@@ -412,9 +442,13 @@ def _par(A: Tensor, flops: float, nthreads: int):
 
 def _block_krylov_steps(
     A: Tensor, k: int, b: int, omega: Tensor, max_steps: int, tol: float, s_out_index: int, normA2: Tensor,
-    nthreads: int,
-) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, int]:
-    """The body of :func:`_block_krylov`, entered on one thread."""
+    nthreads: int, low: Tensor | None,
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, int, Tensor]:
+    """The body of :func:`_block_krylov`, entered on one thread; ``low`` is A in bf16 (the steps'
+    products then come from it, :mod:`._low_precision`) or None.
+
+    Returns ((U, S, V), done [B], steps run, uncertified [B]): with ``low``, the matrices whose
+    bf16 basis passed the test but whose fp32 triplets did not (:func:`_certify`)."""
     Bn, m, n = A.shape
     dt = A.dtype
     At = A.transpose(-2, -1)
@@ -436,23 +470,25 @@ def _block_krylov_steps(
     Vb, _ = orthonormalize(omega.expand(Bn, n, b))
     done = torch.zeros(Bn, dtype=torch.bool, device=A.device)
     stop_at = torch.zeros(Bn, dtype=torch.long, device=A.device)
-    stop_V = stop_CW = None
+    stop_V = stop_CW = stop_s_out = None
     step = 0
     tiny = torch.finfo(torch.float64).tiny
     while step < max_steps:
         j0, j1 = step * b, (step + 1) * b
         step += 1
         VT[:, j0:j1] = Vb.transpose(-2, -1)
-        if fused:  # on this thread and nthreads − 1 workers, each GEMM single-threaded
-            Cb, ZbT = gram_products(A, Vb, nthreads)
-            ZT[:, j0:j1] = ZbT
-            Zb = ZbT.transpose(-2, -1)
+        if low is not None:
+            with _par(A, 1e9, nthreads):
+                CT[:, j0:j1], ZT[:, j0:j1] = low_products(low, Vb)
+        elif fused:  # on this thread and nthreads − 1 workers, each GEMM single-threaded
+            Cb, ZT[:, j0:j1] = gram_products(A, Vb, nthreads)
+            CT[:, j0:j1] = Cb.transpose(-2, -1)
         else:
             with _par(A, 1e9, nthreads):
                 Cb = _mm(A, Vb)
-                Zb = _mm(At, Cb)
-            ZT[:, j0:j1] = Zb.transpose(-2, -1)
-        CT[:, j0:j1] = Cb.transpose(-2, -1)
+                ZT[:, j0:j1] = _mm(At, Cb).transpose(-2, -1)
+            CT[:, j0:j1] = Cb.transpose(-2, -1)
+        Zb = ZT[:, j0:j1].transpose(-2, -1)
         with _par(A, 2.0 * Bn * n * j1 * b, nthreads):
             GT[:, :j1, j0:j1] = VT[:, :j1] @ Zb
         GT[:, j0:j1, :j0] = GT[:, :j0, j0:j1].transpose(-2, -1)
@@ -489,11 +525,15 @@ def _block_krylov_steps(
             if bool(new.any()):
                 # keep the passing step's top-k subspace V·Wₖ and A·V·Wₖ = C·Wₖ (one m×s·b×k
                 # product): the returned triplets come from it, not from the whole basis again
-                with _par(A, 2.0 * Bn * m * j1 * k, nthreads):
-                    CW = CT[:, :j1].transpose(-2, -1) @ Wk.to(dt)
+                # (with bf16 steps, from fp32 products with A: C is not kept)
                 sel = new[:, None, None]
                 stop_V = V if stop_V is None else torch.where(sel, V, stop_V)
-                stop_CW = CW if stop_CW is None else torch.where(sel, CW, stop_CW)
+                s_out = S_all[..., s_out_index:s_out_index + 1]
+                stop_s_out = s_out if stop_s_out is None else torch.where(new[:, None], s_out, stop_s_out)
+                if low is None:
+                    with _par(A, 2.0 * Bn * m * j1 * k, nthreads):
+                        CW = CT[:, :j1].transpose(-2, -1) @ Wk.to(dt)
+                    stop_CW = CW if stop_CW is None else torch.where(sel, CW, stop_CW)
             stop_at = torch.where(new, step, stop_at)
             done |= new
             if bool(done.all()):
@@ -506,7 +546,16 @@ def _block_krylov_steps(
             if bool(((VT[:, :j1] @ Vb).abs().amax() > 1e-4)):
                 Vb, _ = orthonormalize(_project_out(VT[:, :j1].transpose(-2, -1), Vb))
     U, S, V = A.new_empty(Bn, m, k), A.new_empty(Bn, k), A.new_empty(Bn, n, k)
-    if stop_CW is not None:
+    uncertified = torch.zeros_like(done)
+    if low is not None and stop_V is not None:
+        # the bf16 steps only found the subspace: its triplets and their test from fp32 products
+        idx = done.nonzero().flatten()
+        sub = slice(None) if bool(done.all()) else idx
+        (Uc, Sc, Vc), ok = _certify(A[sub], stop_V[sub], stop_s_out[sub], normA2[sub], tol, fused, nthreads)
+        U[idx], S[idx], V[idx] = Uc, Sc, Vc
+        uncertified = uncertified.index_copy(0, idx, ~ok)
+        done = done & ~uncertified
+    elif stop_CW is not None:
         # each converged matrix: the stable Rayleigh-Ritz on the k-dimensional subspace V·Wₖ of
         # the step it passed with (the Gram's squaring then only tilts that subspace, a second
         # order effect on the values): C·Wₖ = Q·R (CholeskyQR2 of m×k, not of the whole m×s·b
@@ -530,7 +579,37 @@ def _block_krylov_steps(
             U[idx] = Q @ Ur[..., :k].to(dt)
             S[idx] = Sr[..., :k].to(dt)
             V[idx] = VT[sub, :w].transpose(-2, -1) @ Wr[..., :k].to(dt)
-    return (U, S, V), done, step
+    return (U, S, V), done, step, uncertified
+
+
+def _certify(
+    A: Tensor, Vk: Tensor, s_out: Tensor, normA2: Tensor, tol: float, fused: bool, nthreads: int,
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """Rayleigh-Ritz on the subspace Vk [B, n, k] (orthonormal) from fp32 products with A [B, m, n],
+    and the convergence test of the module docstring on its triplets (``s_out`` [B, 1] standing
+    for the spectrum outside). C = A·Vk = Q·R, R = Ur·diag(S)·Wrᵀ, U = Q·Ur, V = Vk·Wr; the test's
+    Aᵀ·U = (Aᵀ·C)·R⁻¹·Ur, with Aᵀ·C from the same read of A as C where the fused pass applies and R
+    is well conditioned (σₖ ≥ 0.1·σ₁: R⁻¹ then adds at most 100·ε to it), else Aᵀ·U directly.
+    Returns ((U, S, V), passed [B] bool)."""
+    dt = A.dtype
+    At = A.transpose(-2, -1)
+    if fused:  # on this thread and nthreads − 1 workers, each GEMM single-threaded
+        C, ZT = gram_products(A, Vk, nthreads)
+    else:
+        with _par(A, 1e9, nthreads):
+            C = _mm(A, Vk)
+        ZT = None
+    Q, R = orthonormalize(C)
+    Ur, Sr, Wr = _small_svd(R)
+    U, S, V = Q @ Ur.to(dt), Sr.to(dt), Vk @ Wr.to(dt)
+    if ZT is not None and bool((Sr[..., -1] >= 0.1 * Sr[..., 0]).all()):
+        AtU = ZT.transpose(-2, -1) @ torch.linalg.solve_triangular(R, Ur, upper=True).to(dt)
+    else:
+        with _par(A, 1e9, nthreads):
+            AtU = _mm(At, U)
+    err = _convergence_error(AtU, S, V, s_out.to(dt), normA2, tol * _KRYLOV_SAFETY)
+    # a k-th value of zero (rank < k) cannot be tested this way (as in the steps' test)
+    return (U, S, V), (err <= 1) & (S[..., -1] > 0)
 
 
 def _eigh_start(A: Tensor, l: int) -> Tensor:
@@ -632,9 +711,10 @@ def _make_omega(n: int, l: int, dtype: torch.dtype, device: torch.device, genera
 
 def _truncated_svd_tall(
     A: Tensor, k: int, sq_norms: Tensor, oversample: int | None, n_iter: int | None, tol: float | None,
-    method: str, generator: torch.Generator | None,
+    method: str, generator: torch.Generator | None, low_source: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Dispatch on a tall stack A [B, m, n] (m ≥ n) in the compute dtype; sq_norms [B] = ‖A‖²_F."""
+    """Dispatch on a tall stack A [B, m, n] (m ≥ n) in the compute dtype; sq_norms [B] = ‖A‖²_F;
+    ``low_source``: the bf16 input A was converted from, if any (see :func:`_block_krylov`)."""
     m, n = A.shape[-2:]
     if method != "auto":
         A = A.contiguous()
@@ -665,10 +745,11 @@ def _truncated_svd_tall(
         # storage's Gram, on its long side, lets each step read the storage rows once
         # (_gram_pass); its vectors are m long instead of n, which costs little at b ≤ 16
         omega = _make_omega(m, b, A.dtype, A.device, generator)
-        (V, S, U), done, _ = _block_krylov(storage, k, b, omega, steps, tol, l - 1, sq_norms)
+        low_storage = None if low_source is None else low_source.transpose(-2, -1)
+        (V, S, U), done, _ = _block_krylov(storage, k, b, omega, steps, tol, l - 1, sq_norms, low_storage)
     else:
         omega = _make_omega(n, b, A.dtype, A.device, generator)
-        (U, S, V), done, _ = _block_krylov(A, k, b, omega, steps, tol, l - 1, sq_norms)
+        (U, S, V), done, _ = _block_krylov(A, k, b, omega, steps, tol, l - 1, sq_norms, low_source)
     if not bool(done.all()):
         bad = (~done).nonzero().flatten()
         Ug, Sg, Vg = _gram_refined(A[bad].contiguous(), k, l, tol)
@@ -723,10 +804,14 @@ def _truncated_svd_checked(
     lead = A.shape[:-2]
     m, n = A.shape[-2:]
     dt = _compute_dtype(A.dtype)
-    X = A.reshape(-1, m, n).to(dt)
+    src = A.reshape(-1, m, n)
+    X = src.to(dt)
+    # bf16 input: the block Krylov steps' bf16 products can use it as it is (exactly A)
+    low_source = src if src.dtype == LOW_DTYPE else None
     wide = n > m
     if wide:
         X = X.transpose(-2, -1)
+        low_source = None if low_source is None else low_source.transpose(-2, -1)
     if X.shape[0] == 0:
         U = X.new_zeros(0, X.shape[-2], k)
         S = X.new_zeros(0, k)
@@ -734,7 +819,8 @@ def _truncated_svd_checked(
     else:
         # a wide matrix stays a transposed view: the GEMMs of the Krylov route take it as it is
         # (a copy of a 4096×11008 matrix costs 0.17 s), the other routes copy it themselves
-        U, S, V = _truncated_svd_tall(X, k, sq_norms.reshape(-1), oversample, n_iter, tol, method, generator)
+        U, S, V = _truncated_svd_tall(X, k, sq_norms.reshape(-1), oversample, n_iter, tol, method, generator,
+                                      low_source)
     if wide:
         U, V = V, U
     U, S, V = _finish(U, S, V, m, n)
