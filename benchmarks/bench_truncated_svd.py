@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spectral_kernels.ops import _low_precision  # noqa: E402
 from spectral_kernels.ops.truncated_svd import batched_truncated_svd, truncated_svd  # noqa: E402
 
 
@@ -72,6 +73,7 @@ def git_commit() -> str:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True).strip()
         # the code this benchmark runs (other modules' uncommitted edits do not change its numbers)
         paths = ["spectral_kernels/ops/truncated_svd.py", "spectral_kernels/ops/_orthonormalize.py",
+                 "spectral_kernels/ops/_gram_pass.py", "spectral_kernels/ops/_low_precision.py",
                  "spectral_kernels/ops/svd_cache.py", "spectral_kernels/ops/_checks.py",
                  "benchmarks/bench_truncated_svd.py"]
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=root).returncode != 0
@@ -304,6 +306,18 @@ def tune_lowrank(A, A64, normA2, s, k, quick: bool) -> tuple[dict, list]:
     return best, grid
 
 
+def with_fp32_steps(fn):
+    """fn, run with the block Krylov steps in fp32 (the bf16 steps of an AMX CPU switched off)."""
+    def run():
+        real = _low_precision.cpu_has_amx
+        _low_precision.cpu_has_amx = lambda: False
+        try:
+            return fn()
+        finally:
+            _low_precision.cpu_has_amx = real
+    return run
+
+
 def bench_llm_case(F: Factors, m: int, n: int, k: int, spectrum: str, reps: int, quick: bool) -> dict:
     load0 = loadavg()
     A, s = F.matrix(m, n, spectrum)
@@ -313,6 +327,9 @@ def bench_llm_case(F: Factors, m: int, n: int, k: int, spectrum: str, reps: int,
     ours = lambda: truncated_svd(A, k)  # noqa: E731
     rows = {"truncated_svd(auto)": exact_accuracy(A, A64, normA2, s, k, *ours())}
     fns = {"truncated_svd(auto)": ours}
+    if _low_precision.cpu_has_amx():  # the same in the same run with fp32 steps, to show the gain
+        fns[FP32_STEPS] = with_fp32_steps(ours)
+        rows[FP32_STEPS] = exact_accuracy(A, A64, normA2, s, k, *fns[FP32_STEPS]())
     if best is not None:
         name = f"torch.svd_lowrank(q={best['q']},niter={best['niter']})"
         fns[name] = lambda: lowrank(A, k, best["q"], best["niter"], 0)
@@ -326,6 +343,10 @@ def bench_llm_case(F: Factors, m: int, n: int, k: int, spectrum: str, reps: int,
         out["speedup_vs_tuned_lowrank"] = rows[name]["time_s"] / rows["truncated_svd(auto)"]["time_s"]
     del A64
     return out
+
+
+#: row name of truncated_svd with fp32 Krylov steps (timed only on CPUs with AMX)
+FP32_STEPS = "truncated_svd(auto, fp32 steps)"
 
 
 def bench_llama_layer(F: Factors, spectrum: str, k: int, reps: int) -> dict:
@@ -373,18 +394,22 @@ def llm_markdown(out: dict) -> str:
              f"Device: {out['device']}, torch {out['torch']}, commit {out['commit']}, "
              f"{out['threads']} threads, medians of {out['reps']} interleaved rounds. Run time "
              f"{out.get('run_time_s', float('nan')):.0f} s (setup, the random factors: {out.get('setup_s')}).",
+             f"Block Krylov steps: {out.get('krylov_steps', 'fp32')}; \"fp32 steps\" is the same call with "
+             "the bf16 steps switched off, timed in the same rounds (AMX CPUs only).",
              "Load (/proc/loadavg) is given per case: on a shared machine read the ratios, not the times.", "",
-             "| case | k | ours (s) | tuned svd_lowrank (q, niter) | its time (s) | speedup | our sv err | our residual ratio | contract | load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | k | ours (s) | ours, fp32 steps (s) | tuned svd_lowrank (q, niter) | its time (s) | speedup | our sv err | our residual ratio | contract | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in out["cases"]:
         ours = c["rows"]["truncated_svd(auto)"]
+        f32 = c["rows"].get(FP32_STEPS)
+        f32_s = f"{f32['time_s']:.3f}" if f32 and "time_s" in f32 else "—"
         best = c.get("tuned_lowrank")
         lr = next((r for name, r in c["rows"].items() if name.startswith("torch.svd_lowrank")), None)
-        lines.append(f"| {c['case']} | {c['k']} | {ours['time_s']:.3f} | "
+        lines.append(f"| {c['case']} | {c['k']} | {ours['time_s']:.3f} | {f32_s} | "
                      f"{(best['q'], best['niter']) if best else 'none met the contract'} | "
                      f"{lr['time_s']:.3f} | {c.get('speedup_vs_tuned_lowrank', float('nan')):.2f}× | "
                      f"{ours['sv_rel_err']:.1e} | {ours['residual_ratio']:.6f} | {ours['contract_met']} | "
-                     f"{c['loadavg_after']} |" if lr else f"| {c['case']} | {c['k']} | {ours['time_s']:.3f} | none | | | "
+                     f"{c['loadavg_after']} |" if lr else f"| {c['case']} | {c['k']} | {ours['time_s']:.3f} | {f32_s} | none | | | "
                      f"{ours['sv_rel_err']:.1e} | {ours['residual_ratio']:.6f} | {ours['contract_met']} | {c['loadavg_after']} |")
     for lay in out.get("llama_layer", []):
         t = lay["times_s"]
@@ -413,6 +438,7 @@ def run_llm(args) -> dict:
     out = {"benchmark": "truncated_svd_llm", "mode": mode,
            "device": device_name("cpu"), "torch": torch.__version__, "python": platform.python_version(),
            "commit": git_commit(), "threads": torch.get_num_threads(), "reps": args.reps,
+           "krylov_steps": "bf16 (AMX CPU)" if _low_precision.cpu_has_amx() else "fp32",
            "timing": "median of reps interleaved rounds after one warm-up (time.perf_counter)",
            "cases": [], "llama_layer": []}
     if args.quick:
