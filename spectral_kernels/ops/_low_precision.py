@@ -52,9 +52,11 @@ def _stored_by_rows_or_columns(A: Tensor) -> bool:
 
 def low_precision_worthwhile(A: Tensor) -> bool:
     """Whether the Krylov steps on A [B, m, n] run in bf16: a float32 CPU tensor of at least
-    MIN_LOW_BYTES per matrix, stored by rows or by columns (a transposed view), on a CPU with AMX."""
+    MIN_LOW_BYTES per matrix, stored by rows or by columns (a transposed view), on a CPU with AMX,
+    with torch's oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns them off)."""
     return (A.device.type == "cpu" and A.dtype == torch.float32 and _stored_by_rows_or_columns(A)
-            and A.shape[-2] * A.shape[-1] * A.element_size() >= MIN_LOW_BYTES and cpu_has_amx())
+            and A.shape[-2] * A.shape[-1] * A.element_size() >= MIN_LOW_BYTES
+            and bool(torch.backends.mkldnn.enabled) and cpu_has_amx())
 
 
 def usable_low_source(A: Tensor, source: Tensor | None) -> bool:

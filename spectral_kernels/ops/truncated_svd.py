@@ -447,8 +447,10 @@ def _block_krylov_steps(
     """The body of :func:`_block_krylov`, entered on one thread; ``low`` is A in bf16 (the steps'
     products then come from it, :mod:`._low_precision`) or None.
 
-    Returns ((U, S, V), done [B], steps run, uncertified [B]): with ``low``, the matrices whose
-    bf16 basis passed the test but whose fp32 triplets did not (:func:`_certify`)."""
+    With ``low``, a matrix whose bf16 basis passes the steps' test is certified at once
+    (:func:`_certify`); if its fp32 triplets fail, it goes on stepping and is certified again at
+    its next passing step. Returns ((U, S, V), done [B], steps run, uncertified [B]): the
+    matrices that passed the steps' test at some step but never the fp32 one."""
     Bn, m, n = A.shape
     dt = A.dtype
     At = A.transpose(-2, -1)
@@ -470,7 +472,10 @@ def _block_krylov_steps(
     Vb, _ = orthonormalize(omega.expand(Bn, n, b))
     done = torch.zeros(Bn, dtype=torch.bool, device=A.device)
     stop_at = torch.zeros(Bn, dtype=torch.long, device=A.device)
-    stop_V = stop_CW = stop_s_out = None
+    stop_V = stop_CW = None
+    # with bf16 steps: the certified triplets, and which matrices passed the steps' test at all
+    U_out, S_out, V_out = A.new_zeros(Bn, m, k), A.new_zeros(Bn, k), A.new_zeros(Bn, n, k)
+    tried = torch.zeros_like(done)
     step = 0
     tiny = torch.finfo(torch.float64).tiny
     while step < max_steps:
@@ -522,18 +527,28 @@ def _block_krylov_steps(
             # a k-th value of zero (rank < k): Aᵀ·U is not known this way, leave it to the fallback
             err = torch.where(Sk[..., -1] > 0, err, torch.full_like(err, math.inf))
             new = (err <= 1) & ~done
-            if bool(new.any()):
+            if low is not None and bool(new.any()):
+                # bf16 steps: the passing top-k subspace V·Wₖ gets its triplets and their test
+                # from fp32 products with A; a matrix that fails goes on stepping (its next
+                # passing step is certified again), its triplets are not kept
+                idx = new.nonzero().flatten()
+                sub = slice(None) if bool(new.all()) else idx
+                (Uc, Sc, Vc), ok = _certify(A[sub], V[sub], S_all[sub, s_out_index:s_out_index + 1],
+                                            normA2[sub], tol, fused, nthreads)
+                tried |= new
+                new = new.index_copy(0, idx, ok)
+                if bool(ok.any()):
+                    U_out = U_out.index_copy(0, idx[ok], Uc[ok])
+                    S_out = S_out.index_copy(0, idx[ok], Sc[ok])
+                    V_out = V_out.index_copy(0, idx[ok], Vc[ok])
+            elif bool(new.any()):
                 # keep the passing step's top-k subspace V·Wₖ and A·V·Wₖ = C·Wₖ (one m×s·b×k
                 # product): the returned triplets come from it, not from the whole basis again
-                # (with bf16 steps, from fp32 products with A: C is not kept)
                 sel = new[:, None, None]
                 stop_V = V if stop_V is None else torch.where(sel, V, stop_V)
-                s_out = S_all[..., s_out_index:s_out_index + 1]
-                stop_s_out = s_out if stop_s_out is None else torch.where(new[:, None], s_out, stop_s_out)
-                if low is None:
-                    with _par(A, 2.0 * Bn * m * j1 * k, nthreads):
-                        CW = CT[:, :j1].transpose(-2, -1) @ Wk.to(dt)
-                    stop_CW = CW if stop_CW is None else torch.where(sel, CW, stop_CW)
+                with _par(A, 2.0 * Bn * m * j1 * k, nthreads):
+                    CW = CT[:, :j1].transpose(-2, -1) @ Wk.to(dt)
+                stop_CW = CW if stop_CW is None else torch.where(sel, CW, stop_CW)
             stop_at = torch.where(new, step, stop_at)
             done |= new
             if bool(done.all()):
@@ -546,15 +561,10 @@ def _block_krylov_steps(
             if bool(((VT[:, :j1] @ Vb).abs().amax() > 1e-4)):
                 Vb, _ = orthonormalize(_project_out(VT[:, :j1].transpose(-2, -1), Vb))
     U, S, V = A.new_empty(Bn, m, k), A.new_empty(Bn, k), A.new_empty(Bn, n, k)
-    uncertified = torch.zeros_like(done)
-    if low is not None and stop_V is not None:
-        # the bf16 steps only found the subspace: its triplets and their test from fp32 products
-        idx = done.nonzero().flatten()
-        sub = slice(None) if bool(done.all()) else idx
-        (Uc, Sc, Vc), ok = _certify(A[sub], stop_V[sub], stop_s_out[sub], normA2[sub], tol, fused, nthreads)
-        U[idx], S[idx], V[idx] = Uc, Sc, Vc
-        uncertified = uncertified.index_copy(0, idx, ~ok)
-        done = done & ~uncertified
+    # bf16 steps: those that passed the steps' test but never the fp32 one
+    uncertified = tried & ~done
+    if low is not None:
+        U, S, V = U_out, S_out, V_out
     elif stop_CW is not None:
         # each converged matrix: the stable Rayleigh-Ritz on the k-dimensional subspace V·Wₖ of
         # the step it passed with (the Gram's squaring then only tilts that subspace, a second

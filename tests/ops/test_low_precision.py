@@ -125,6 +125,9 @@ def test_worthwhile_only_for_large_float32_cpu_on_amx(monkeypatch):
     assert not lp.low_precision_worthwhile(torch.empty(1, 1024, 2048))  # 8 MB
     assert not lp.low_precision_worthwhile(big.double())
     assert not lp.low_precision_worthwhile(big[:, :, ::2])  # neither rows nor columns contiguous
+    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=False):  # the user's switch for oneDNN
+        assert not lp.low_precision_worthwhile(big)
+    assert lp.low_precision_worthwhile(big)
     monkeypatch.setattr(lp, "cpu_has_amx", lambda: False)
     assert not lp.low_precision_worthwhile(big)
 
@@ -174,15 +177,17 @@ def test_failed_certification_is_redone_in_fp32(monkeypatch, forced):
     # redone on fp32 steps, the other keeps its certified result
     seen = _spy_steps(monkeypatch)
     real = tsvd._certify
-
-    def failing_item_1(A, *args):
-        trip, ok = real(A, *args)
-        return trip, ok & (torch.arange(len(ok)) != 1)
-
-    monkeypatch.setattr(tsvd, "_certify", failing_item_1)
     r = 700
     A = torch.stack([with_spectrum(1000, r, torch.arange(1, r + 1, dtype=torch.float64) ** -a, seed=i)
                      for i, a in enumerate((0.3, 0.5, 0.6))])
+    norm2_item_1 = (A[1].double() ** 2).sum()
+
+    def failing_item_1(A, Vk, s_out, normA2, *args):
+        # the items certified together vary from step to step: item 1 is told by its norm
+        trip, ok = real(A, Vk, s_out, normA2, *args)
+        return trip, ok & ~torch.isclose(normA2, norm2_item_1, rtol=1e-6)
+
+    monkeypatch.setattr(tsvd, "_certify", failing_item_1)
     res = truncated_svd(A, 8)
     assert seen == [True, False], seen
     for i in range(3):
@@ -190,6 +195,24 @@ def test_failed_certification_is_redone_in_fp32(monkeypatch, forced):
     monkeypatch.setattr(lp, "cpu_has_amx", lambda: False)
     fp32 = truncated_svd(A[1], 8)
     torch.testing.assert_close(res.S[1], fp32.S, rtol=1e-6, atol=0)
+
+
+def test_failed_certification_goes_on_stepping(monkeypatch, forced):
+    # a first fp32 test that fails (forced) is not the end of the bf16 steps: the matrix steps on
+    # and its next passing step is certified, with no fp32 redo
+    seen = _spy_steps(monkeypatch)
+    real, calls = tsvd._certify, []
+
+    def fail_first(A, *args):
+        trip, ok = real(A, *args)
+        calls.append(bool(ok.all()))
+        return trip, ok & (len(calls) > 1)
+
+    monkeypatch.setattr(tsvd, "_certify", fail_first)
+    A = with_spectrum(1000, 700, torch.arange(1, 701, dtype=torch.float64) ** -0.4, seed=5)
+    res = truncated_svd(A, 8)
+    assert seen == [True] and len(calls) == 2, (seen, calls)
+    assert_contract(A, 8, res, "certified at the second passing step")
 
 
 def test_certify_passes_the_exact_subspace_and_fails_a_random_one():
