@@ -125,9 +125,10 @@ def test_worthwhile_only_for_large_float32_cpu_on_amx(monkeypatch):
     assert not lp.low_precision_worthwhile(torch.empty(1, 1024, 2048))  # 8 MB
     assert not lp.low_precision_worthwhile(big.double())
     assert not lp.low_precision_worthwhile(big[:, :, ::2])  # neither rows nor columns contiguous
-    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=False):  # the user's switch for oneDNN
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.backends.mkldnn, "enabled", False)  # the user's switch for oneDNN
         assert not lp.low_precision_worthwhile(big)
-    assert lp.low_precision_worthwhile(big)
+    assert torch.backends.mkldnn.enabled and lp.low_precision_worthwhile(big)
     monkeypatch.setattr(lp, "cpu_has_amx", lambda: False)
     assert not lp.low_precision_worthwhile(big)
 
