@@ -1,6 +1,6 @@
 """The Krylov steps' products in bfloat16, on CPUs with AMX tiles: C = Â·X and Zᵀ = Cᵀ·Â, Â = bf16(A).
 
-    A [B, m, n] float32 (rows contiguous)  →  Â [B, m, n] bfloat16          (low_copy, once)
+    A [B, m, n] float32 (by rows or columns)  →  Â [B, m, n] bfloat16, same layout  (low_copy, once)
     Â, X [B, n, b]  →  Cᵀ [B, b, m],  Zᵀ = (Âᵀ·C)ᵀ [B, b, n]   float32       (low_products, per step)
 
 On a CPU with AMX tiles oneDNN runs a thin bf16 GEMM several times faster than MKL runs the fp32
@@ -14,8 +14,9 @@ to bf16 on output (torch has no bf16 GEMM with an fp32 output on CPU). The Krylo
 these products spans nearly the same leading subspace (on the LLM test spectra the block Krylov
 test passed at the same step as in fp32), but none of its numbers is final: the caller
 (``_block_krylov_steps`` in truncated_svd.py) takes the subspace the bf16 steps found and computes
-the returned triplets and the convergence test from fp32 products with A itself, and redoes in fp32
-any matrix that fails that test. So the accuracy contract is checked exactly as on the fp32 path.
+the returned triplets and the convergence test from fp32 products with A itself; a matrix that fails
+that test steps on and is tested again, and one that never passes it is redone on fp32 steps. So the
+accuracy contract is checked exactly as on the fp32 path.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _stored_by_rows_or_columns(A: Tensor) -> bool:
 def low_precision_worthwhile(A: Tensor) -> bool:
     """Whether the Krylov steps on A [B, m, n] run in bf16: a float32 CPU tensor of at least
     MIN_LOW_BYTES per matrix, stored by rows or by columns (a transposed view), on a CPU with AMX,
-    with torch's oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns them off)."""
+    with torch's oneDNN enabled (``torch.backends.mkldnn.enabled = False`` turns them off)."""
     return (A.device.type == "cpu" and A.dtype == torch.float32 and _stored_by_rows_or_columns(A)
             and A.shape[-2] * A.shape[-1] * A.element_size() >= MIN_LOW_BYTES
             and bool(torch.backends.mkldnn.enabled) and cpu_has_amx())
