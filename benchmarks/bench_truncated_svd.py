@@ -361,8 +361,10 @@ def bench_llama_layer(F: Factors, spectrum: str, k: int, reps: int) -> dict:
         sp = f"power{a}" if spectrum == "power" else "flat"
         mats[name], specs[name] = F.matrix(m, n, sp)
 
+    half = {nm: A.to(torch.bfloat16) for nm, A in mats.items()}  # as checkpoints store them
     fns = {"batched_truncated_svd": lambda: batched_truncated_svd(mats, k, progress=False),
-           "loop of truncated_svd": lambda: {nm: truncated_svd(A, k) for nm, A in mats.items()}}
+           "loop of truncated_svd": lambda: {nm: truncated_svd(A, k) for nm, A in mats.items()},
+           "batched_truncated_svd, bf16 weights": lambda: batched_truncated_svd(half, k, progress=False)}
     res = fns["batched_truncated_svd"]()
     worst = {"sv_rel_err": 0.0, "residual_ratio": 0.0, "orth_err": 0.0}
     for nm, A in mats.items():
@@ -414,7 +416,9 @@ def llm_markdown(out: dict) -> str:
     for lay in out.get("llama_layer", []):
         t = lay["times_s"]
         lines += ["", f"{lay['case']}, k = {lay['k']}: batched_truncated_svd {t['batched_truncated_svd']:.2f} s, "
-                  f"loop of truncated_svd {t['loop of truncated_svd']:.2f} s (goal ≤ {lay['goal_s']:.0f} s), worst sv "
+                  f"loop of truncated_svd {t['loop of truncated_svd']:.2f} s (goal ≤ {lay['goal_s']:.0f} s)"
+                  + (f", the same layer in bf16 {t['batched_truncated_svd, bf16 weights']:.2f} s"
+                     if "batched_truncated_svd, bf16 weights" in t else "") + ", worst sv "
                   f"error {lay['sv_rel_err']:.1e}, contract met: {lay['contract_met']}; with the SVD cache: first run "
                   f"{lay['cache_first_run_s']:.2f} s, second run {lay['cache_second_run_s']:.2f} s; load {lay['loadavg_after']}."]
     if "linalg_svd_4096x4096_s" in out:

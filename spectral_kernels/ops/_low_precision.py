@@ -67,23 +67,24 @@ def usable_low_source(A: Tensor, source: Tensor | None) -> bool:
             and source.stride() == A.stride() and source.device == A.device)
 
 
-#: The bf16 copy's buffer is kept between calls up to this size, so that a run over a model's
-#: matrices (or a benchmark's repeats) does not pay for fresh pages each time: a new 90 MB buffer
-#: costs 15 ms of page faults on top of the 14 ms copy (11008×4096, 2-core Xeon). Larger copies
-#: get a buffer of their own, freed on return. :func:`release_workspace` frees the kept one.
+#: One working copy's buffer is kept between calls, up to this size: the bf16 copy of a float32
+#: input, or the float32 copy of a bf16 / fp16 input (:func:`kept_copy`), so that a run over a
+#: model's matrices (or a benchmark's repeats) does not pay for fresh pages each time: a new 90 MB
+#: buffer costs 15 ms of page faults on top of the 14 ms copy (11008×4096, 2-core Xeon). Larger
+#: copies get a buffer of their own, freed on return. :func:`release_workspace` frees the kept one.
 MAX_KEPT_BYTES = 256 << 20
 
-_kept: Tensor | None = None
+_kept: Tensor | None = None  # uint8, viewed as the dtype of each use
 _kept_lock = threading.Lock()
 _release_requested = False
 
 
 @contextlib.contextmanager
-def low_copy(A: Tensor) -> Iterator[Tensor]:
-    """The bf16 copy Â [B, m, n] of A [B, m, n] (stored by rows, or by columns: Â then is a
-    transposed view too), valid inside the block. It lives in the kept buffer when that is free
-    and large enough (or can be made so within MAX_KEPT_BYTES); a concurrent call, or a larger
-    A, gets a buffer of its own."""
+def kept_copy(A: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
+    """A copy of the CPU stack A [B, m, n] in ``dtype``, in A's layout (by rows, or by columns: a
+    transposed view then), valid inside the block. It lives in the kept buffer when that is free
+    and large enough (or can be made so within MAX_KEPT_BYTES); a concurrent call, a larger copy,
+    or an A stored neither by rows nor by columns gets a buffer of its own."""
     global _kept, _release_requested
     by_columns = A.stride(-1) != 1
     rows = A.transpose(-2, -1) if by_columns else A  # the matrices as stored, rows contiguous
@@ -91,23 +92,38 @@ def low_copy(A: Tensor) -> Iterator[Tensor]:
     def view(T: Tensor) -> Tensor:
         return T.transpose(-2, -1) if by_columns else T
 
-    nbytes = A.numel() * torch.finfo(LOW_DTYPE).bits // 8
-    if nbytes > MAX_KEPT_BYTES or not _kept_lock.acquire(blocking=False):
-        yield view(rows.to(LOW_DTYPE, memory_format=torch.contiguous_format))
+    nbytes = A.numel() * torch.empty((), dtype=dtype).element_size()
+    if (A.device.type != "cpu" or not _stored_by_rows_or_columns(A) or nbytes > MAX_KEPT_BYTES
+            or not _kept_lock.acquire(blocking=False)):
+        yield A.to(dtype)
         return
     try:
-        if _kept is None or _kept.numel() < A.numel():
+        if _kept is None or _kept.numel() < nbytes:
             _kept = None  # the old buffer goes before the new one is allocated
-            _kept = torch.empty(A.numel(), dtype=LOW_DTYPE)
-        yield view(_kept[:A.numel()].view(rows.shape).copy_(rows))
+            _kept = torch.empty(nbytes, dtype=torch.uint8)
+        yield view(_kept[:nbytes].view(dtype).view(rows.shape).copy_(rows))
     finally:
         if _release_requested:
             _kept, _release_requested = None, False
         _kept_lock.release()
 
 
+def low_copy(A: Tensor) -> contextlib.AbstractContextManager[Tensor]:
+    """The bf16 copy Â [B, m, n] of A [B, m, n] (stored by rows or by columns), see :func:`kept_copy`."""
+    return kept_copy(A, LOW_DTYPE)
+
+
+def compute_copy(src: Tensor, dtype: torch.dtype) -> contextlib.AbstractContextManager[Tensor]:
+    """src [B, m, n] in the compute ``dtype`` (float32 for a bf16 / fp16 input), valid inside the
+    block: a CPU input of at least MIN_LOW_BYTES (as float32) that needs converting is copied into
+    the kept buffer (:func:`kept_copy`), any other converted as usual."""
+    if src.dtype != dtype and src.device.type == "cpu" and src.numel() * 4 >= MIN_LOW_BYTES:
+        return kept_copy(src, dtype)
+    return contextlib.nullcontext(src.to(dtype))
+
+
 def release_workspace() -> None:
-    """Free the kept bf16 buffer now, or, while a call is using it, when that call is done."""
+    """Free the kept buffer now, or, while a call is using it, when that call is done."""
     global _kept, _release_requested
     if _kept_lock.acquire(blocking=False):
         try:

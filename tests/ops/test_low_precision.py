@@ -256,3 +256,32 @@ def test_bf16_steps_deterministic_and_batched_equals_single(forced):
     torch.testing.assert_close(out["w0"].S, a.S, rtol=1e-5, atol=0)
     for name, A in mats.items():
         assert_contract(A, 9, out[name], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_converted_in_the_kept_buffer(forced, dtype):
+    # a large bf16 / fp16 input's float32 copy lives in the kept buffer; the results own their
+    # memory (a later call reusing the buffer leaves them as they were) and equal a fresh copy's
+    A = with_spectrum(900, 500, torch.arange(1, 501, dtype=torch.float64) ** -0.4, seed=6).to(dtype)
+    res = truncated_svd(A, 8)
+    assert lp._kept is not None and lp._kept.numel() >= A.numel() * 4
+    kept = [t.clone() for t in res]
+    truncated_svd(torch.randn(900, 500).to(dtype), 8)  # overwrites the buffer
+    assert all(torch.equal(x, y) for x, y in zip(res, kept))
+    assert_contract(A.float(), 8, res, f"{dtype} input through the kept buffer")
+    lp.release_workspace()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lp, "MAX_KEPT_BYTES", 0)  # every copy fresh
+        fresh = truncated_svd(A, 8)
+    assert lp._kept is None
+    assert all(torch.equal(x, y) for x, y in zip(res, fresh))
+
+
+def test_compute_copy_keeps_the_layout(forced):
+    src = torch.randn(1, 300, 200).to(torch.bfloat16)
+    for X in (src, src.mT):
+        with lp.compute_copy(X, torch.float32) as C:
+            assert C.dtype == torch.float32 and C.stride() == X.stride() and torch.equal(C, X.float())
+    F = src.float()
+    with lp.compute_copy(F, torch.float32) as C:  # nothing to convert: the input itself
+        assert C is F

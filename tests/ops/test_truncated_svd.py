@@ -579,6 +579,25 @@ def test_input_check_returns_accurate_squared_norms(dtype):
         torch.testing.assert_close(sq, exact, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_input_check_half_norms_through_the_chunk_buffer(monkeypatch, dtype):
+    # large bf16 / fp16 inputs take their norms through an fp32 chunk buffer (forced here, with
+    # ragged chunks): as accurate as the direct fp32 norms, for both layouts and a stack, and a
+    # NaN anywhere is still found
+    monkeypatch.setattr(tsvd, "_HALF_CHUNKED_MIN", 0)
+    monkeypatch.setattr(tsvd, "_HALF_CHUNK_BYTES", 7 * 300 * 4)
+    g = torch.Generator().manual_seed(6)
+    A = (torch.randn(3, 700, 300, generator=g) * 3).to(dtype)
+    exact = (A.double() ** 2).sum((-2, -1))
+    for X in (A, A.transpose(-2, -1), A[1]):
+        sq = tsvd._check_input(X, 4)
+        torch.testing.assert_close(sq, exact if X.dim() == 3 else exact[1], rtol=1e-6, atol=0)
+    B = A.clone()
+    B[2, 699, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tsvd._check_input(B.transpose(-2, -1), 4)
+
+
 def test_krylov_block_widths():
     # k/2 within 16..64 on a CPU; CUDA keeps the 128-column cap it was measured with
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
