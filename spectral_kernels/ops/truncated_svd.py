@@ -40,7 +40,8 @@ Methods (``method=``):
     builds its Krylov space on its long side (b ≤ 16), reading its rows as stored. On a CPU with
     AMX, the steps of a float32 matrix of ≥ 16 MB take their products from a bf16 copy of A
     (:mod:`._low_precision`); the returned triplets and their test then come from fp32 products
-    with A (:func:`_certify`), and a matrix that fails that test is redone on fp32 steps.
+    with A (:func:`_certify`); a matrix that fails that test steps on and is certified again,
+    one that never passes it is redone on fp32 steps.
 
 Convergence test, per matrix, on the Ritz triplets (uᵢ, σ̃ᵢ, vᵢ), i < k, with rᵢ = Aᵀuᵢ − σ̃ᵢvᵢ
 (Aᵀ·Q is the next iteration's first product, so the test costs no extra pass over A); the same
@@ -433,7 +434,8 @@ def _block_krylov(
     matrix (:mod:`._gram_pass`). On a CPU with AMX tiles, a large fp32 A's steps take their
     products from a bf16 copy of A (:mod:`._low_precision`, 2-3× cheaper a step): the basis then
     only locates the subspace, and the returned triplets and their test come from fp32 products
-    with A (:func:`_certify`); a matrix whose triplets fail that test is redone in fp32.
+    with A (:func:`_certify`); a matrix whose triplets fail that test steps on and is certified
+    again at its next passing step, and one that never passes is redone on fp32 steps.
     ``normA2`` [B] is ‖A‖²_F (float64, from the input check). ``low_source``: the bf16 tensor A
     was converted from, if any (same shape and layout): it then serves as that copy, exactly.
     Returns ((U, S, V), converged [B], steps run).
