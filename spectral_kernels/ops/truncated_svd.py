@@ -63,9 +63,11 @@ within 1e-3 relative, ‖A − U·diag(S)·Vᵀ‖_F ≤ 1.001 × the optimal ra
 ‖VᵀV − I‖ ≤ 1e-5 (max entry) in float32.
 
 Conventions: singular values below the rounding floor √max(m, n)·ε·σ₁ are returned as exact zeros
-(an all-zero matrix gives S = 0 and orthonormal U, V). Signs are fixed: the largest-magnitude
-entry of each column of U is positive (the first one on a tie), and the matching column of V is
-flipped with it. The random sketch comes from ``generator`` (a fresh generator seeded with 0 when
+(an all-zero matrix gives S = 0 and orthonormal U, V: on "auto" the first k unit vectors, without
+iterating). A matrix with ‖A‖_F outside 2^±40 is scaled by a power of two to unit norm first and
+S scaled back (exact): the Krylov products square the scale, and fp32 would overflow or
+underflow. Signs are fixed: the largest-magnitude entry of each column of U is positive (the first
+one on a tie), and the matching column of V is flipped with it. The random sketch comes from ``generator`` (a fresh generator seeded with 0 when
 None), drawn once per shape and shared by the matrices of a batch, so a matrix's result does not
 depend on the other matrices stacked with it (up to rounding of batched GEMMs) and the same seed
 gives bitwise the same output.
@@ -183,7 +185,15 @@ def _check_input(A: object, k: object, name: str = "A") -> Tensor:
                 where = f" (batch index {tuple(bad)})"
             raise ValueError(f"{name} contains NaN or Inf{where}; the SVD of a non-finite matrix is undefined")
         sq = torch.linalg.vector_norm(A.detach(), dim=(-2, -1), dtype=torch.float64) ** 2
+    elif bool((sq < _SQ_NORM_UNDERFLOW).any()):
+        # tiny entries' squares underflow in fp32 (|aᵢⱼ| < 1e-19): the norms again in float64 (an
+        # all-zero matrix takes this pass too)
+        sq = torch.linalg.vector_norm(A.detach(), dim=(-2, -1), dtype=torch.float64) ** 2
     return sq
+
+
+#: Squared norms below this may have lost entries to fp32 underflow (squares below 1.2e-38).
+_SQ_NORM_UNDERFLOW = 1e-30
 
 
 def _check_options(method: str, oversample: int | None, n_iter: int | None, tol: float | None) -> None:
@@ -770,6 +780,21 @@ def _truncated_svd_tall(
         (U, S, V), _, _ = _randomized(A, k, l, omega, iters, tol, None)
         return U, S, V
     # auto
+    zero = sq_norms == 0
+    if bool(zero.any()):
+        # all-zero matrices: S = 0 and the first k unit vectors, without iterating (the Krylov
+        # test cannot pass on a zero k-th value, and the fallback's eigh of a 4096² Gram of
+        # zeros took 14 s)
+        U = torch.eye(m, k, dtype=A.dtype, device=A.device).expand(A.shape[0], m, k).clone()
+        S = A.new_zeros(A.shape[0], k)
+        V = torch.eye(n, k, dtype=A.dtype, device=A.device).expand(A.shape[0], n, k).clone()
+        if bool(zero.all()):
+            return U, S, V
+        idx = (~zero).nonzero().flatten()
+        Ur, Sr, Vr = _truncated_svd_tall(A[idx], k, sq_norms[idx], oversample, n_iter, tol, method, generator,
+                                         None if low_source is None else low_source[idx])
+        U[idx], S[idx], V[idx] = Ur, Sr, Vr
+        return U, S, V
     tol = CONTRACT_TOL if tol is None else tol
     b = krylov_block(k, A.device)
     budget = krylov_budget(m, n, k, l, b, A.device)
@@ -859,14 +884,38 @@ def _truncated_svd_checked(
             S = X.new_zeros(0, k)
             V = X.new_zeros(0, X.shape[-1], k)
         else:
+            sq = sq_norms.reshape(-1).to(torch.float64)
+            scale = _unit_scale(sq)
+            if scale is not None:  # far from unit norm: a scaled copy, exact (a power of two)
+                X = X * scale.to(X.device, dt)[:, None, None]
+                sq = sq * scale.square()
+                low_source = None
             # a wide matrix stays a transposed view: the GEMMs of the Krylov route take it as it
             # is (a copy of a 4096×11008 matrix costs 0.17 s), the other routes copy it themselves
-            U, S, V = _truncated_svd_tall(X, k, sq_norms.reshape(-1), oversample, n_iter, tol, method,
-                                          generator, low_source)
+            U, S, V = _truncated_svd_tall(X, k, sq, oversample, n_iter, tol, method, generator, low_source)
+            if scale is not None:
+                S = (S.to(torch.float64) / scale.to(S.device)[:, None]).to(S.dtype)
     if wide:
         U, V = V, U
     U, S, V = _finish(U, S, V, m, n)
     return SVDResult(U.reshape(*lead, m, k), S.reshape(*lead, k), V.reshape(*lead, n, k))
+
+
+#: Matrices whose ‖A‖_F lies outside [2⁻⁴⁰, 2⁴⁰] are scaled by a power of two to ‖A‖_F ≈ 1 before
+#: the SVD (and S scaled back): the Krylov products Aᵀ·A·X square the scale, so float32 entries
+#: of 1e20 overflowed (a LinAlgError on a finite matrix) and tiny ones would lose precision.
+UNIT_SCALE_LOG2_RANGE = 40
+
+
+def _unit_scale(sq_norms: Tensor) -> Tensor | None:
+    """Per-matrix powers of two [B] (float64) that bring ‖A‖_F (sq_norms [B] = ‖A‖²_F) near 1
+    where it lies outside 2^±UNIT_SCALE_LOG2_RANGE (1 elsewhere, and for zero matrices); None when
+    no matrix needs it."""
+    e = torch.floor(torch.log2(sq_norms.clamp_min(torch.finfo(torch.float64).tiny)) / 2)
+    need = (sq_norms > 0) & (e.abs() > UNIT_SCALE_LOG2_RANGE)
+    if not bool(need.any()):
+        return None
+    return torch.where(need, torch.exp2(-e), torch.ones_like(e))
 
 
 # --- a model's worth: grouping, cache, CPU fallback ------------------------------------------------

@@ -218,6 +218,44 @@ def test_all_zero_matrix(method):
     torch.testing.assert_close(V.transpose(-2, -1) @ V, I.expand(3, 6, 6), atol=1e-6, rtol=0)
 
 
+def test_auto_zero_matrices_skip_the_iterations(monkeypatch):
+    # an all-zero matrix on "auto" returns S = 0 and unit vectors at once; in a stack with a
+    # nonzero matrix only that one is iterated
+    krylov = _spy(monkeypatch, "_block_krylov")
+    fallback = _spy(monkeypatch, "_gram_refined")
+    res = truncated_svd(torch.zeros(1300, 900), 12)
+    assert krylov == [] and fallback == []
+    assert torch.all(res.S == 0)
+    torch.testing.assert_close(res.U.mT @ res.U, torch.eye(12), atol=0, rtol=0)
+    torch.testing.assert_close(res.V.mT @ res.V, torch.eye(12), atol=0, rtol=0)
+    r = 900
+    A = torch.stack([torch.zeros(1300, r), with_spectrum(1300, r, spectrum("power0.5", r), seed=4)])
+    res = truncated_svd(A, 12)
+    assert krylov == [1], krylov
+    assert torch.all(res.S[0] == 0)
+    assert_contract(A[1], 12, (res.U[1], res.S[1], res.V[1]), "nonzero item of a stack with a zero one")
+
+
+@pytest.mark.parametrize("method", ["auto", "randomized", "gram", "exact"])
+@pytest.mark.parametrize("scale", [1e-30, 1e20, 3e33])
+def test_scale_invariance_far_from_unit_norm(method, scale):
+    # entries of 1e20 overflowed the float32 Krylov products (Aᵀ·A·X), and 1e-30 ones underflowed
+    # the input check's fp32 norms to 0: both are scaled by a power of two first, S scaled back
+    A = with_spectrum(1203, 811, spectrum("power0.5", 811), seed=12)
+    base = truncated_svd(A, 10, method=method)
+    res = truncated_svd(A * scale, 10, method=method)
+    assert torch.isfinite(res.S).all() and bool((res.S > 0).all())
+    torch.testing.assert_close(res.S.double() / scale, base.S.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(res.U.abs(), base.U.abs(), atol=1e-4, rtol=0)
+
+
+def test_input_check_norms_of_tiny_entries():
+    # squares of |aᵢⱼ| < 1e-19 underflow in fp32: such norms are taken again in float64
+    A = torch.randn(2, 300, 200, generator=torch.Generator().manual_seed(2)) * 1e-25
+    exact = (A.double() ** 2).sum((-2, -1))
+    torch.testing.assert_close(tsvd._check_input(A, 3), exact, rtol=1e-6, atol=0)
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [0, -1, 41, 2.0, True])
 def test_k_out_of_range(k):
