@@ -122,7 +122,8 @@ def _sq_norms(A: Tensor) -> Tensor:
     where one fp32 norm of the whole matrix was off by 7e-3), summed in float64. 6 ms at
     11008×4096 on 2 cores."""
     dim = -1 if A.stride(-1) == 1 or A.stride(-2) != 1 else -2
-    if A.dtype in (torch.bfloat16, torch.float16) and A.device.type == "cpu" and A.shape[-2] * A.shape[-1] >= _HALF_CHUNKED_MIN:
+    half = A.dtype in (torch.bfloat16, torch.float16)
+    if half and A.device.type == "cpu" and A.shape[-2] * A.shape[-1] >= _HALF_CHUNKED_MIN:
         return _half_sq_norms(A, dim)
     acc = torch.float64 if A.dtype == torch.float64 else torch.float32
     return torch.linalg.vector_norm(A, dim=dim, dtype=acc).to(torch.float64).square().sum(-1)
@@ -177,17 +178,16 @@ def _check_input(A: object, k: object, name: str = "A") -> Tensor:
     # non-finite norm (or an overflowing one, |entries| near the dtype's max) takes the entry-wise
     # check, and then the norms in float64
     sq = _sq_norms(A.detach())
-    if not bool(torch.isfinite(sq).all()):
-        if not bool(torch.isfinite(A).all()):
-            where = ""
-            if A.dim() > 2:
-                bad = (~torch.isfinite(A)).flatten(-2).any(-1).nonzero()[0].tolist()
-                where = f" (batch index {tuple(bad)})"
-            raise ValueError(f"{name} contains NaN or Inf{where}; the SVD of a non-finite matrix is undefined")
-        sq = torch.linalg.vector_norm(A.detach(), dim=(-2, -1), dtype=torch.float64) ** 2
-    elif bool((sq < _SQ_NORM_UNDERFLOW).any()):
-        # tiny entries' squares underflow in fp32 (|aᵢⱼ| < 1e-19): the norms again in float64 (an
-        # all-zero matrix takes this pass too)
+    overflow = not bool(torch.isfinite(sq).all())
+    if overflow and not bool(torch.isfinite(A).all()):
+        where = ""
+        if A.dim() > 2:
+            bad = (~torch.isfinite(A)).flatten(-2).any(-1).nonzero()[0].tolist()
+            where = f" (batch index {tuple(bad)})"
+        raise ValueError(f"{name} contains NaN or Inf{where}; the SVD of a non-finite matrix is undefined")
+    if overflow or bool((sq < _SQ_NORM_UNDERFLOW).any()):
+        # the fp32 norms overflowed (finite entries near the dtype's max), or tiny entries' squares
+        # underflowed (|aᵢⱼ| < 1e-19; an all-zero matrix takes this pass too): again in float64
         sq = torch.linalg.vector_norm(A.detach(), dim=(-2, -1), dtype=torch.float64) ** 2
     return sq
 
@@ -511,10 +511,11 @@ def _block_krylov_steps(
     ZT = A.new_empty(Bn, width, n)
     Vb, _ = orthonormalize(omega.expand(Bn, n, b))
     done = torch.zeros(Bn, dtype=torch.bool, device=A.device)
-    stop_at = torch.zeros(Bn, dtype=torch.long, device=A.device)
     stop_V = stop_CW = None
-    # with bf16 steps: the certified triplets, and which matrices passed the steps' test at all
-    U_out, S_out, V_out = A.new_zeros(Bn, m, k), A.new_zeros(Bn, k), A.new_zeros(Bn, n, k)
+    # with bf16 steps: the certified triplets (the returned ones), and which matrices passed the
+    # steps' test at all
+    if low is not None:
+        U_out, S_out, V_out = A.new_zeros(Bn, m, k), A.new_zeros(Bn, k), A.new_zeros(Bn, n, k)
     tried = torch.zeros_like(done)
     step = 0
     tiny = torch.finfo(torch.float64).tiny
@@ -589,7 +590,6 @@ def _block_krylov_steps(
                 with _par(A, 2.0 * Bn * m * j1 * k, nthreads):
                     CW = CT[:, :j1].transpose(-2, -1) @ Wk.to(dt)
                 stop_CW = CW if stop_CW is None else torch.where(sel, CW, stop_CW)
-            stop_at = torch.where(new, step, stop_at)
             done |= new
             if bool(done.all()):
                 break
