@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
-from typing import Iterator
 
 import torch
 from torch import Tensor
+
+from spectral_kernels.ops._workspace import kept_copy, stored_by_rows_or_columns
 
 LOW_DTYPE = torch.bfloat16
 
@@ -47,15 +47,11 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def _stored_by_rows_or_columns(A: Tensor) -> bool:
-    return A.stride(-1) == 1 or A.stride(-2) == 1
-
-
 def low_precision_worthwhile(A: Tensor) -> bool:
     """Whether the Krylov steps on A [B, m, n] run in bf16: a float32 CPU tensor of at least
     MIN_LOW_BYTES per matrix, stored by rows or by columns (a transposed view), on a CPU with AMX,
     with torch's oneDNN enabled (``torch.backends.mkldnn.enabled = False`` turns them off)."""
-    return (A.device.type == "cpu" and A.dtype == torch.float32 and _stored_by_rows_or_columns(A)
+    return (A.device.type == "cpu" and A.dtype == torch.float32 and stored_by_rows_or_columns(A)
             and A.shape[-2] * A.shape[-1] * A.element_size() >= MIN_LOW_BYTES
             and bool(torch.backends.mkldnn.enabled) and cpu_has_amx())
 
@@ -67,71 +63,10 @@ def usable_low_source(A: Tensor, source: Tensor | None) -> bool:
             and source.stride() == A.stride() and source.device == A.device)
 
 
-#: One working copy's buffer is kept between calls, up to this size: the bf16 copy of a float32
-#: input, or the float32 copy of a bf16 / fp16 input (:func:`kept_copy`), so that a run over a
-#: model's matrices (or a benchmark's repeats) does not pay for fresh pages each time: a new 90 MB
-#: buffer costs 15 ms of page faults on top of the 14 ms copy (11008×4096, 2-core Xeon). Larger
-#: copies get a buffer of their own, freed on return. :func:`release_workspace` frees the kept one.
-MAX_KEPT_BYTES = 256 << 20
-
-_kept: Tensor | None = None  # uint8, viewed as the dtype of each use
-_kept_lock = threading.Lock()
-_release_requested = False
-
-
-@contextlib.contextmanager
-def kept_copy(A: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
-    """A copy of the CPU stack A [B, m, n] in ``dtype``, in A's layout (by rows, or by columns: a
-    transposed view then), valid inside the block. It lives in the kept buffer when that is free
-    and large enough (or can be made so within MAX_KEPT_BYTES); a concurrent call, a larger copy,
-    or an A stored neither by rows nor by columns gets a buffer of its own."""
-    global _kept, _release_requested
-    by_columns = A.stride(-1) != 1
-    rows = A.transpose(-2, -1) if by_columns else A  # the matrices as stored, rows contiguous
-
-    def view(T: Tensor) -> Tensor:
-        return T.transpose(-2, -1) if by_columns else T
-
-    nbytes = A.numel() * torch.empty((), dtype=dtype).element_size()
-    if (A.device.type != "cpu" or not _stored_by_rows_or_columns(A) or nbytes > MAX_KEPT_BYTES
-            or not _kept_lock.acquire(blocking=False)):
-        yield A.to(dtype)
-        return
-    try:
-        if _kept is None or _kept.numel() < nbytes:
-            _kept = None  # the old buffer goes before the new one is allocated
-            _kept = torch.empty(nbytes, dtype=torch.uint8)
-        yield view(_kept[:nbytes].view(dtype).view(rows.shape).copy_(rows))
-    finally:
-        if _release_requested:
-            _kept, _release_requested = None, False
-        _kept_lock.release()
-
-
 def low_copy(A: Tensor) -> contextlib.AbstractContextManager[Tensor]:
-    """The bf16 copy Â [B, m, n] of A [B, m, n] (stored by rows or by columns), see :func:`kept_copy`."""
+    """The bf16 copy Â [B, m, n] of A [B, m, n] (stored by rows or by columns), in the kept buffer
+    where it is free (:func:`._workspace.kept_copy`)."""
     return kept_copy(A, LOW_DTYPE)
-
-
-def compute_copy(src: Tensor, dtype: torch.dtype) -> contextlib.AbstractContextManager[Tensor]:
-    """src [B, m, n] in the compute ``dtype`` (float32 for a bf16 / fp16 input), valid inside the
-    block: a CPU input of at least MIN_LOW_BYTES (as float32) that needs converting is copied into
-    the kept buffer (:func:`kept_copy`), any other converted as usual."""
-    if src.dtype != dtype and src.device.type == "cpu" and src.numel() * 4 >= MIN_LOW_BYTES:
-        return kept_copy(src, dtype)
-    return contextlib.nullcontext(src.to(dtype))
-
-
-def release_workspace() -> None:
-    """Free the kept buffer now, or, while a call is using it, when that call is done."""
-    global _kept, _release_requested
-    if _kept_lock.acquire(blocking=False):
-        try:
-            _kept = None
-        finally:
-            _kept_lock.release()
-    else:
-        _release_requested = True
 
 
 def low_products(low: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:

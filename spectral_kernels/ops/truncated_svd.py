@@ -86,9 +86,10 @@ from torch import Tensor
 
 from spectral_kernels.ops._checks import FLOAT_DTYPES
 from spectral_kernels.ops._gram_pass import fused_worthwhile, gram_products
-from spectral_kernels.ops._low_precision import (  # noqa: F401  (release_workspace: public here)
-    LOW_DTYPE, compute_copy, low_copy, low_precision_worthwhile, low_products, release_workspace, usable_low_source,
+from spectral_kernels.ops._low_precision import (
+    LOW_DTYPE, low_copy, low_precision_worthwhile, low_products, usable_low_source,
 )
+from spectral_kernels.ops._workspace import compute_copy, release_workspace  # noqa: F401  (public here)
 from spectral_kernels.ops._orthonormalize import num_threads, orthonormalize, small_lapack
 
 METHODS = ("auto", "exact", "gram", "randomized")

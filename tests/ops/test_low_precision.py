@@ -1,7 +1,8 @@
-"""The bf16 Krylov steps (spectral_kernels/ops/_low_precision.py): the bf16 copy of A and its products
-against float64, and the truncated SVD taking them (forced on small matrices and on CPUs without AMX,
-where the bf16 GEMMs are slower but compute the same thing): the contract holds, because the
-returned triplets and their test come from fp32 products, and a failed test is redone in fp32."""
+"""The bf16 Krylov steps (spectral_kernels/ops/_low_precision.py) and the kept working copy
+(spectral_kernels/ops/_workspace.py): the bf16 copy of A and its products against float64, and the
+truncated SVD taking them (forced on small matrices and on CPUs without AMX, where the bf16 GEMMs
+are slower but compute the same thing): the contract holds, because the returned triplets and their
+test come from fp32 products; a failed test steps on, and one never passed is redone in fp32."""
 from __future__ import annotations
 
 import threading
@@ -11,6 +12,7 @@ import torch
 
 from spectral_kernels.ops import _gram_pass as gp
 from spectral_kernels.ops import _low_precision as lp
+from spectral_kernels.ops import _workspace as ws
 from spectral_kernels.ops import truncated_svd as tsvd
 from spectral_kernels.ops.truncated_svd import batched_truncated_svd, truncated_svd
 from tests.helpers import assert_contract, with_spectrum
@@ -21,9 +23,9 @@ def forced(monkeypatch):
     """Every float32 CPU matrix takes the bf16 steps, whatever its size and the CPU."""
     monkeypatch.setattr(lp, "MIN_LOW_BYTES", 0)
     monkeypatch.setattr(lp, "cpu_has_amx", lambda: True)
-    lp.release_workspace()
+    ws.release_workspace()
     yield
-    lp.release_workspace()
+    ws.release_workspace()
 
 
 def _spy_steps(monkeypatch):
@@ -75,25 +77,25 @@ def test_copy_reuses_its_buffer_and_gives_concurrent_calls_their_own(forced):
 
 
 def test_copy_above_the_kept_size_is_not_kept(monkeypatch, forced):
-    monkeypatch.setattr(lp, "MAX_KEPT_BYTES", 1000)
+    monkeypatch.setattr(ws, "MAX_KEPT_BYTES", 1000)
     with lp.low_copy(torch.randn(1, 30, 40)):
         pass
-    assert lp._kept is None
+    assert ws._kept is None
     with lp.low_copy(torch.randn(1, 10, 40)):  # 800 bytes: kept
         pass
-    assert lp._kept is not None
+    assert ws._kept is not None
 
 
 def test_release_workspace_now_and_deferred(forced):
     with lp.low_copy(torch.randn(1, 30, 40)):
         pass
-    assert lp._kept is not None
-    lp.release_workspace()
-    assert lp._kept is None
+    assert ws._kept is not None
+    ws.release_workspace()
+    assert ws._kept is None
     with lp.low_copy(torch.randn(1, 30, 40)):
-        lp.release_workspace()  # in use: freed when the call is done
-        assert lp._kept is not None
-    assert lp._kept is None
+        ws.release_workspace()  # in use: freed when the call is done
+        assert ws._kept is not None
+    assert ws._kept is None
 
 
 def test_copy_is_thread_safe(forced):
@@ -259,29 +261,31 @@ def test_bf16_steps_deterministic_and_batched_equals_single(forced):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_input_converted_in_the_kept_buffer(forced, dtype):
+def test_half_input_converted_in_the_kept_buffer(monkeypatch, forced, dtype):
     # a large bf16 / fp16 input's float32 copy lives in the kept buffer; the results own their
     # memory (a later call reusing the buffer leaves them as they were) and equal a fresh copy's
+    monkeypatch.setattr(ws, "MIN_KEPT_COPY_BYTES", 0)
     A = with_spectrum(900, 500, torch.arange(1, 501, dtype=torch.float64) ** -0.4, seed=6).to(dtype)
     res = truncated_svd(A, 8)
-    assert lp._kept is not None and lp._kept.numel() >= A.numel() * 4
+    assert ws._kept is not None and ws._kept.numel() >= A.numel() * 4
     kept = [t.clone() for t in res]
     truncated_svd(torch.randn(900, 500).to(dtype), 8)  # overwrites the buffer
     assert all(torch.equal(x, y) for x, y in zip(res, kept))
     assert_contract(A.float(), 8, res, f"{dtype} input through the kept buffer")
-    lp.release_workspace()
+    ws.release_workspace()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lp, "MAX_KEPT_BYTES", 0)  # every copy fresh
+        mp.setattr(ws, "MAX_KEPT_BYTES", 0)  # every copy fresh
         fresh = truncated_svd(A, 8)
-    assert lp._kept is None
+    assert ws._kept is None
     assert all(torch.equal(x, y) for x, y in zip(res, fresh))
 
 
-def test_compute_copy_keeps_the_layout(forced):
+def test_compute_copy_keeps_the_layout(monkeypatch, forced):
+    monkeypatch.setattr(ws, "MIN_KEPT_COPY_BYTES", 0)
     src = torch.randn(1, 300, 200).to(torch.bfloat16)
     for X in (src, src.mT):
-        with lp.compute_copy(X, torch.float32) as C:
+        with ws.compute_copy(X, torch.float32) as C:
             assert C.dtype == torch.float32 and C.stride() == X.stride() and torch.equal(C, X.float())
     F = src.float()
-    with lp.compute_copy(F, torch.float32) as C:  # nothing to convert: the input itself
+    with ws.compute_copy(F, torch.float32) as C:  # nothing to convert: the input itself
         assert C is F
