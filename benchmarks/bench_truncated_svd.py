@@ -74,6 +74,7 @@ def git_commit() -> str:
         # the code this benchmark runs (other modules' uncommitted edits do not change its numbers)
         paths = ["spectral_kernels/ops/truncated_svd.py", "spectral_kernels/ops/_orthonormalize.py",
                  "spectral_kernels/ops/_gram_pass.py", "spectral_kernels/ops/_low_precision.py",
+                 "spectral_kernels/ops/_workspace.py",
                  "spectral_kernels/ops/svd_cache.py", "spectral_kernels/ops/_checks.py",
                  "benchmarks/bench_truncated_svd.py"]
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=root).returncode != 0
@@ -306,6 +307,10 @@ def tune_lowrank(A, A64, normA2, s, k, quick: bool) -> tuple[dict, list]:
     return best, grid
 
 
+#: row name of truncated_svd with fp32 Krylov steps (timed only on CPUs with AMX)
+FP32_STEPS = "truncated_svd(auto, fp32 steps)"
+
+
 def with_fp32_steps(fn):
     """fn, run with the block Krylov steps in fp32 (the bf16 steps of an AMX CPU switched off)."""
     def run():
@@ -343,10 +348,6 @@ def bench_llm_case(F: Factors, m: int, n: int, k: int, spectrum: str, reps: int,
         out["speedup_vs_tuned_lowrank"] = rows[name]["time_s"] / rows["truncated_svd(auto)"]["time_s"]
     del A64
     return out
-
-
-#: row name of truncated_svd with fp32 Krylov steps (timed only on CPUs with AMX)
-FP32_STEPS = "truncated_svd(auto, fp32 steps)"
 
 
 def bench_llama_layer(F: Factors, spectrum: str, k: int, reps: int) -> dict:
