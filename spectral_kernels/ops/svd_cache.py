@@ -32,7 +32,9 @@ from spectral_kernels._hashing import update_with_bytes, update_with_chunk_diges
 #: v3: entries carry their key and a checksum of the factors; "auto" uses block Krylov for large matrices
 #: v4: the weight's bytes enter the key as the digests of 16 MB pieces; wide matrices' Krylov space
 #:     on their long side
-CACHE_FORMAT = "truncated_svd-v4"
+#: v5: block Krylov steps in bf16 on AMX CPUs (certified in fp32); far-from-unit-norm matrices
+#:     scaled first
+CACHE_FORMAT = "truncated_svd-v5"
 
 FACTORS = ("U", "S", "V")
 
