@@ -34,7 +34,9 @@ from spectral_kernels._hashing import update_with_bytes, update_with_chunk_diges
 #:     on their long side
 #: v5: block Krylov steps in bf16 on AMX CPUs (certified in fp32); far-from-unit-norm matrices
 #:     scaled first
-CACHE_FORMAT = "truncated_svd-v5"
+#: v6: wide matrices on bf16 steps keep their Krylov space on the short side; rank-deficient
+#:     matrices finished by the range finder
+CACHE_FORMAT = "truncated_svd-v6"
 
 FACTORS = ("U", "S", "V")
 

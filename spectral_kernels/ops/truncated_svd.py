@@ -37,7 +37,8 @@ Methods (``method=``):
     4096²). At most ``krylov_max_steps`` steps (a basis of 1536 columns or n/2); items that have
     not converged are finished by the Gram-eigen route above. ``n_iter`` caps the steps. On a
     large CPU matrix both products of a step read A once (:mod:`._gram_pass`); a wide one then
-    builds its Krylov space on its long side (b ≤ 16), reading its rows as stored. On a CPU with
+    builds its Krylov space on its long side (b ≤ 16), reading its rows as stored (not on bf16
+    steps, below, whose products take either layout at the same cost). On a CPU with
     AMX, the steps of a float32 matrix of ≥ 16 MB take their products from a bf16 copy of A
     (:mod:`._low_precision`); the returned triplets and their test then come from fp32 products
     with A (:func:`_certify`); a matrix that fails that test steps on and is certified again,
@@ -141,12 +142,29 @@ def _half_sq_norms(A: Tensor, dim: int) -> Tensor:
     entry (11008×4096 bf16: 48 ms, against 8 ms for an fp32 matrix); copying chunks of rows (along
     the contiguous ``dim``) into a 2 MB fp32 buffer that stays in cache and taking their fp32 norms
     costs 8 ms, with the same fp32 accumulation."""
+    return _chunked_sq_norms(A, dim, torch.float32)
+
+
+def _exact_sq_norms(A: Tensor) -> Tensor:
+    """‖A‖²_F per matrix [...] accumulated in float64 (for the test when the residual is a tiny part
+    of ‖A‖²). On a large CPU matrix through a float64 chunk buffer: torch's norm with
+    dtype=float64 converts entry by entry (11008×4096 fp32: 200 ms, here ~15 ms)."""
+    if A.device.type == "cpu" and A.dtype != torch.float64 and A.shape[-2] * A.shape[-1] >= _HALF_CHUNKED_MIN:
+        dim = -1 if A.stride(-1) == 1 or A.stride(-2) != 1 else -2
+        return _chunked_sq_norms(A, dim, torch.float64)
+    return torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64) ** 2
+
+
+def _chunked_sq_norms(A: Tensor, dim: int, acc: torch.dtype) -> Tensor:
+    """Σ of squared row norms (along ``dim``) per matrix [...] in float64, the rows copied in chunks
+    into a 2 MB buffer of dtype ``acc`` (which stays in cache) and their norms taken in it."""
     X = A if dim == -1 else A.transpose(-2, -1)  # the norms run along X's rows
     rows, cols = X.shape[-2:]
     X3 = X.reshape(-1, rows, cols)  # a view, except for leading dims that cannot be merged
-    R = max(1, _HALF_CHUNK_BYTES // (4 * cols))
-    buf = torch.empty(min(R, rows), cols)
-    norms = torch.empty(X3.shape[0], rows)
+    size = torch.finfo(acc).bits // 8
+    R = max(1, _HALF_CHUNK_BYTES // (size * cols))
+    buf = torch.empty(min(R, rows), cols, dtype=acc)
+    norms = torch.empty(X3.shape[0], rows, dtype=acc)
     for b in range(X3.shape[0]):
         for i in range(0, rows, R):
             j = min(i + R, rows)
@@ -435,9 +453,13 @@ def _block_krylov(
     the subspace. (The squared Gram's rounding, relative ε·(σ₁/σᵢ)² in σᵢ² times a GEMM's error
     growth (≤ √n, typically far less), stays below what the test resolves while σₖ ≥ 3e-2·σ₁,
     which the LLM cases (s_i ∝ i^-0.6 at k = 256: σₖ = 0.036·σ₁) meet; below it the test takes W, S
-    from the stable Rayleigh-Ritz below. The returned values always come from that one.) A matrix stops at
+    from the stable Rayleigh-Ritz below, on the Gram's top ``s_out_index`` + 1 eigenvectors. The
+    returned values always come from that one.) A matrix stops at
     its first passing step (no early giving up: the error of a flat spectrum stalls for a step or
-    two, then falls again). The returned factors come from a stable Rayleigh-Ritz on the passing
+    two, then falls again). A matrix whose top Ritz values drop by a cliff (rank < k, or nearly:
+    the values past it sit at the rounding floor, where the test cannot pass) is tried once with
+    the range finish (:func:`_range_finish`), which returns exact triplets when A lies in the span
+    of its top Ritz vectors, checked. The returned factors come from a stable Rayleigh-Ritz on the passing
     step's top-k subspace V·Wₖ: C·Wₖ = Q·R (CholeskyQR2 of an m×k block, not of the m×s·b
     basis), R = Ur·diag(S)·Wrᵀ, U = Q·Ur, V·Wₖ·Wr, so A·V = U·diag(S) and UᵀU = I to rounding.
     The basis and its products are stored transposed ([B, s·b, n]), so each prefix is a view the
@@ -513,11 +535,18 @@ def _block_krylov_steps(
     Vb, _ = orthonormalize(omega.expand(Bn, n, b))
     done = torch.zeros(Bn, dtype=torch.bool, device=A.device)
     stop_V = stop_CW = None
-    # with bf16 steps: the certified triplets (the returned ones), and which matrices passed the
-    # steps' test at all
-    if low is not None:
-        U_out, S_out, V_out = A.new_zeros(Bn, m, k), A.new_zeros(Bn, k), A.new_zeros(Bn, n, k)
+    # the returned triplets of matrices certified (bf16 steps) or finished by the range finish;
+    # with bf16 steps, which matrices passed the steps' test at all
+    U_out, S_out, V_out = A.new_zeros(Bn, m, k), A.new_zeros(Bn, k), A.new_zeros(Bn, n, k)
     tried = torch.zeros_like(done)
+    # matrices sent to the range finish (once each), those it finished, and the step after which
+    # the others give up (a matrix it could not finish has values past its cliff that sit just
+    # above the rounding floor: the steps resolve them slowly if at all)
+    range_tried = torch.zeros_like(done)
+    finished = torch.zeros_like(done)
+    give_up_after = torch.full((Bn,), max_steps, dtype=torch.long, device=A.device)
+    # the last test's top-k Ritz values: estimates the caller's fallback uses for the others
+    S_last = A.new_zeros(Bn, k)
     step = 0
     tiny = torch.finfo(torch.float64).tiny
     while step < max_steps:
@@ -541,7 +570,7 @@ def _block_krylov_steps(
         GT[:, j0:j1, :j0] = GT[:, :j0, j0:j1].transpose(-2, -1)
         # the test from the first basis holding l vectors; once the s·b eigenproblem is no longer
         # small next to the two GEMMs, only every few steps
-        if j1 > s_out_index and (j1 <= 512 or step % (j1 // 512 + 1) == 0 or step == max_steps):
+        if _tested(step, j1, s_out_index) or (j1 > s_out_index and step == max_steps):
             # the Gram in the working precision (its rounding, ~√n·ε·σ₁², is far below what the
             # test resolves), its eigenproblem in float64
             Vj, Zj = VT[:, :j1].transpose(-2, -1), ZT[:, :j1].transpose(-2, -1)
@@ -552,20 +581,27 @@ def _block_krylov_steps(
             S_all = lam.clamp_min(0).sqrt()
             if not bool((S_all[..., k - 1] > _KRYLOV_GRAM_MIN_RATIO * S_all[..., 0]).all()):
                 # a steep top-k (σₖ < 3e-2·σ₁): the squared Gram resolves σₖ less well; the stable
-                # Rayleigh-Ritz (C = Q·R, SVD of R) gives the same W, S without the squaring
-                with _par(A, 1e9, nthreads):
-                    _, R = orthonormalize(CT[:, :j1].transpose(-2, -1))
-                    _, S_all, W = _small_svd(R)
+                # Rayleigh-Ritz on the Gram's top-l subspace (C·W_l = Q·R, SVD of R = Ur·S·Wrᵀ,
+                # W = W_l·Wr) gives its values without the squaring (the squaring only tilts that
+                # subspace, a second order effect on them). l columns, not the whole basis: on
+                # the basis (m×j and j×j factorisations at every step) a 2048² matrix of rank 8
+                # plus noise spent 7.8 s of 12 s here
+                l = s_out_index + 1
+                with _par(A, 2.0 * Bn * m * j1 * l, nthreads):
+                    _, R = orthonormalize(CT[:, :j1].transpose(-2, -1) @ W[..., :l].to(dt))
+                _, S_all, Wr = _small_svd(R)
+                W = W[..., :l] @ Wr
             Sk, Wk = S_all[..., :k], W[..., :k]
             if not exact_norm and bool(((normA2 - (Sk ** 2).sum(-1)) < 1e-2 * normA2).any()):
                 with _par(A, 1e9, nthreads):
-                    normA2 = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64) ** 2
+                    normA2 = _exact_sq_norms(A)
                 exact_norm = True
             with _par(A, 4.0 * Bn * n * j1 * k, nthreads):
                 V = Vj @ Wk.to(dt)
                 AtU = Zj @ (Wk / Sk.clamp_min(tiny)[..., None, :]).to(dt)
             err = _convergence_error(AtU, Sk.to(dt), V, S_all[..., s_out_index:s_out_index + 1], normA2,
                                      tol * _KRYLOV_SAFETY)
+            S_last = Sk.to(dt)
             # a k-th value of zero (rank < k): Aᵀ·U is not known this way, leave it to the fallback
             err = torch.where(Sk[..., -1] > 0, err, torch.full_like(err, math.inf))
             new = (err <= 1) & ~done
@@ -592,7 +628,28 @@ def _block_krylov_steps(
                     CW = CT[:, :j1].transpose(-2, -1) @ Wk.to(dt)
                 stop_CW = CW if stop_CW is None else torch.where(sel, CW, stop_CW)
             done |= new
-            if bool(done.all()):
+            # a cliff in the Ritz values (A of rank < k, or nearly): the range finish on the top
+            # l Ritz vectors, once (a matrix it does not finish steps on)
+            cliff = ~done & ~range_tried & _has_cliff(S_all[..., :k + 1])
+            if bool(cliff.any()):
+                idx = cliff.nonzero().flatten()
+                sub = slice(None) if bool(cliff.all()) else idx
+                l = s_out_index + 1
+                with _par(A, 2.0 * Bn * n * j1 * l, nthreads):
+                    Vl = Vj[sub] @ W[sub, :, :l].to(dt)
+                (Uf, Sf, Vf), ok = _range_finish(A[sub], Vl, k, nthreads)
+                range_tried |= cliff
+                if bool(ok.any()):
+                    U_out = U_out.index_copy(0, idx[ok], Uf[ok])
+                    S_out = S_out.index_copy(0, idx[ok], Sf[ok])
+                    V_out = V_out.index_copy(0, idx[ok], Vf[ok])
+                    fin = torch.zeros_like(done).index_fill(0, idx[ok], True)
+                    finished |= fin
+                    done |= fin
+                if not bool(ok.all()):
+                    give_up_after = give_up_after.index_fill(
+                        0, idx[~ok], min(max_steps, step + max(AFTER_CLIFF_STEPS, step)))
+            if bool((done | (give_up_after <= step)).all()):
                 break
         if step < max_steps:
             with _par(A, 8.0 * Bn * n * j1 * b, nthreads):
@@ -601,35 +658,29 @@ def _block_krylov_steps(
             # columns that are not orthogonal to the basis: project once more (rare, so checked)
             if bool(((VT[:, :j1] @ Vb).abs().amax() > 1e-4)):
                 Vb, _ = orthonormalize(_project_out(VT[:, :j1].transpose(-2, -1), Vb))
-    U, S, V = A.new_empty(Bn, m, k), A.new_empty(Bn, k), A.new_empty(Bn, n, k)
     # bf16 steps: those that passed the steps' test but never the fp32 one
     uncertified = tried & ~done
-    if low is not None:
-        U, S, V = U_out, S_out, V_out
-    elif stop_CW is not None:
+    # certified (bf16 steps) and range-finished triplets are final; the others are filled below
+    U, S, V = U_out, S_out, V_out
+    via_ritz = done & ~finished
+    if low is None and stop_CW is not None and bool(via_ritz.any()):
         # each converged matrix: the stable Rayleigh-Ritz on the k-dimensional subspace V·Wₖ of
         # the step it passed with (the Gram's squaring then only tilts that subspace, a second
         # order effect on the values): C·Wₖ = Q·R (CholeskyQR2 of m×k, not of the whole m×s·b
         # basis), R = Ur·diag(S)·Wrᵀ, U = Q·Ur, V = V·Wₖ·Wr, so A·V = U·diag(S) to rounding
-        idx = done.nonzero().flatten()
-        sub = slice(None) if bool(done.all()) else idx
+        idx = via_ritz.nonzero().flatten()
+        sub = slice(None) if bool(via_ritz.all()) else idx
         with _par(A, 1e9, nthreads):
             Q, R = orthonormalize(stop_CW[sub])
             Ur, Sr, Wr = _small_svd(R)
             U[idx] = Q @ Ur.to(dt)
             S[idx] = Sr.to(dt)
             V[idx] = stop_V[sub] @ Wr.to(dt)
-    # the others get the Ritz triplets of the whole basis (they go to the fallback anyway)
+    # the others keep zero vectors and their last Ritz values as estimates: the caller redoes them
+    # (fp32 steps or the Gram route), and the Ritz triplets of a whole basis cost an m×s·b and an
+    # s·b×s·b factorisation (0.9 s at 2048², s·b = 1024)
     if not bool(done.all()):
-        idx = (~done).nonzero().flatten()
-        w = step * b
-        sub = slice(None) if Bn == 1 else idx
-        with _par(A, 1e9, nthreads):
-            Q, R = orthonormalize(CT[sub, :w].transpose(-2, -1))
-            Ur, Sr, Wr = _small_svd(R)
-            U[idx] = Q @ Ur[..., :k].to(dt)
-            S[idx] = Sr[..., :k].to(dt)
-            V[idx] = VT[sub, :w].transpose(-2, -1) @ Wr[..., :k].to(dt)
+        S = torch.where(done[:, None], S, S_last)
     return (U, S, V), done, step, uncertified
 
 
@@ -663,6 +714,59 @@ def _certify(
     return (U, S, V), (err <= 1) & (S[..., -1] > 0)
 
 
+#: Ritz values with a drop of at least this factor between neighbours among the top k + 1 (a
+#: cliff: A of rank < k, or nearly) send a matrix to :func:`_range_finish` once: the test cannot
+#: pass on values at the rounding floor, and stepping on to the Gram route took 48 s for a 4096²
+#: matrix of rank 8 at k = 16 (2-core Xeon). A smooth steep spectrum never drops this fast.
+CLIFF_RATIO = 0.1
+#: Gaussian probes of the range finish's residual check: the estimate of ‖(I − QQᵀ)·A‖²_F is a
+#: sum of ≥ 16 squared Gaussians, under a ninth of its mean with probability < 1e-6.
+RANGE_PROBES = 16
+#: The range finish accepts a residual of at most this many rounding floors (√max(m, n)·ε·σ₁):
+#: the products of A in the working precision leave about one.
+RANGE_FLOORS = 8.0
+#: A matrix the range finish could not finish steps on for at most this many steps more (or as
+#: many as it has taken, if more) before the Gram route takes it: a 4096² matrix of rank 8 plus
+#: a noise bulk at 8e-5·σ₁ spent 6.4 s in 92 steps without converging (2-core Xeon).
+AFTER_CLIFF_STEPS = 8
+
+
+def _has_cliff(S: Tensor) -> Tensor:
+    """Whether the descending Ritz values S [B, k + 1] drop by CLIFF_RATIO between neighbours."""
+    ratio = S[..., 1:] / S[..., :-1].clamp_min(torch.finfo(S.dtype).tiny)
+    return (ratio <= CLIFF_RATIO).any(-1)
+
+
+def _range_finish(
+    A: Tensor, Vl: Tensor, k: int, nthreads: int,
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """Range finder on the subspace Vl [B, n, l] (l ≥ k) for A [B, m, n] of rank ≤ l (or nearly),
+    with the working precision's products: Q = orth(A·Vl), Bᵀ = Aᵀ·Q = Vb·diag(S)·Ubᵀ (SVD in
+    float64), U = Q·Ub, V = Vb, top k. When range(Q) holds range(A), A = Q·Qᵀ·A and the triplets
+    are exact, the values past the rank at the rounding floor (zeroed by :func:`_finish`), and
+    their vectors span null spaces (A·v = 0). That is checked, not assumed: RANGE_PROBES Gaussian
+    probes G estimate ‖(I − QQᵀ)·A‖_F from (I − QQᵀ)·A·G, and a matrix passes when three times the
+    estimate is at most RANGE_FLOORS rounding floors √max(m, n)·ε·σ₁ (every singular value past
+    the ones returned is then below it). Three passes over A of l, l and RANGE_PROBES columns.
+    Returns ((U, S, V), passed [B] bool)."""
+    Bn, m, n = A.shape
+    dt = A.dtype
+    # fixed probes: the same input gives the same answer
+    gen = torch.Generator(device="cpu").manual_seed(0x5EED)
+    G = torch.randn(n, RANGE_PROBES, generator=gen, dtype=dt).to(A.device).expand(Bn, n, RANGE_PROBES)
+    with _par(A, 1e9, nthreads):
+        Q, _ = orthonormalize(_mm(A, Vl))  # Householder where A·Vl has lost rank: Q stays orthonormal
+        BT = _mm(A.transpose(-2, -1), Q)
+        AG = _mm(A, G)
+    resid = AG - Q @ (Q.transpose(-2, -1) @ AG)
+    est2 = torch.linalg.vector_norm(resid, dim=(-2, -1), dtype=torch.float64) ** 2 / RANGE_PROBES
+    Vb, S, UbT = torch.linalg.svd(BT.to(torch.float64), full_matrices=False)
+    floor = RANGE_FLOORS * math.sqrt(max(m, n)) * torch.finfo(dt).eps * S[..., 0]
+    passed = 9 * est2 <= floor * floor
+    U = Q @ UbT.transpose(-2, -1)[..., :k].to(dt)
+    return (U, S[..., :k].to(dt), Vb[..., :k].to(dt)), passed
+
+
 def _eigh_start(A: Tensor, l: int) -> Tensor:
     """Top-l eigenvectors [B, n, l] of G = AᵀA, formed and diagonalised in A's (compute) dtype."""
     G = A.transpose(-2, -1) @ A
@@ -670,10 +774,21 @@ def _eigh_start(A: Tensor, l: int) -> Tensor:
     return evecs[..., -l:].flip(-1)
 
 
-def _gram_refined(A: Tensor, k: int, l: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+def _gram_refined(A: Tensor, k: int, l: int, tol: float, s_est: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The Gram-eigen route in the working precision, checked: Z₀ = top-l eigenvectors of AᵀA
     (fp32 for fp32 input), then at most ``GRAM_REFINE_ITERS`` subspace iterations with the
-    convergence test; items that do not pass (or whose eigh fails) are redone by :func:`_gram`."""
+    convergence test; items that do not pass (or whose eigh fails) are redone by :func:`_gram`.
+    ``s_est`` [B, k]: estimates of the top-k values (from the block Krylov steps); items whose
+    σₖ/σ₁ is below FP32_GRAM_MIN_RATIO go to :func:`_gram` at once."""
+    if s_est is not None and A.dtype != torch.float64:
+        steep = s_est[..., k - 1] < FP32_GRAM_MIN_RATIO * s_est[..., 0]
+        if bool(steep.all()):
+            return _gram(A, k)
+        if bool(steep.any()):
+            U, S, V = (t.clone() for t in _gram_refined(A, k, l, tol))  # (a mixed stack: rare)
+            idx = steep.nonzero().flatten()
+            U[idx], S[idx], V[idx] = _gram(A[idx], k)
+            return U, S, V
     try:
         Z = _eigh_start(A, l)
     except torch.linalg.LinAlgError:
@@ -684,6 +799,12 @@ def _gram_refined(A: Tensor, k: int, l: int, tol: float) -> tuple[Tensor, Tensor
         Ug, Sg, Vg = _gram(A[bad], k)
         U, S, V = U.index_copy(0, bad, Ug), S.index_copy(0, bad, Sg), V.index_copy(0, bad, Vg)
     return U, S, V
+
+
+#: σₖ/σ₁ below which the working-precision (fp32) Gram cannot give the top-k values to the
+#: contract: its eigenvalues carry an error of ~ε·σ₁², so σₖ² must stand well above it (a 4096²
+#: matrix with σₖ = 8e-5·σ₁ spent 3 s in the fp32 eigh and its refinement before the float64 one).
+FP32_GRAM_MIN_RATIO = 1e-3
 
 
 # --- cost model for "auto" -----------------------------------------------------------------------
@@ -734,7 +855,7 @@ def krylov_block(k: int, device: torch.device | None = None) -> int:
 #: Widest Krylov block for which a wide matrix's Krylov space is built on its long side, so that
 #: the fused pass of _gram_pass applies: 4096×11008 at b = 16 17.3 ms a step vs 23.8 ms as two
 #: GEMMs on the transposed view, at b = 32 30.8 vs 33.0 ms, which does not pay for the longer
-#: basis vectors (2-core Xeon).
+#: basis vectors (2-core Xeon). Steps in bf16 (:mod:`._low_precision`) stay on the short side.
 FUSED_MAX_BLOCK = 16
 
 #: Krylov basis at most this many columns (and at most n/2): past it the s·b eigenproblems of the
@@ -742,14 +863,35 @@ FUSED_MAX_BLOCK = 16
 KRYLOV_MAX_WIDTH = 1536
 
 
+#: The block Krylov test's float64 eigenproblem of its j×j Gram, in units·j³ (one thread, 2-core
+#: Xeon: 27 ms at j = 512, 185 ms at 1024, ≈ 170 ps·j³).
+_TEST_EIGH_UNITS = 34.0
+
+
+def _tested(step: int, j: int, s_out_index: int) -> bool:
+    """Whether the block Krylov test runs after ``step`` (1-based) with a basis of j columns: from
+    the first basis holding s_out_index + 1 vectors; past 512 columns, where its eigenproblem is no
+    longer small next to the step's two GEMMs, every few steps."""
+    return j > s_out_index and (j <= 512 or step % (j // 512 + 1) == 0)
+
+
 def krylov_max_steps(m: int, n: int, k: int, l: int, b: int, device: torch.device) -> int:
     """Steps of the block Krylov route before the Gram-eigen route takes over (m ≥ n): as many as
-    cost no more than that route, within a basis of KRYLOV_MAX_WIDTH and n/2 columns, and at least
+    cost no more than that route, the tests' eigenproblems included (a matrix that does not
+    converge pays for every one), within a basis of KRYLOV_MAX_WIDTH and n/2 columns, and at least
     enough to hold l = k + p vectors and one step more."""
     per_step = _iteration_cost(m, n, b)
-    by_cost = int(_gram_cost(m, n, k, l, device) // per_step)
+    budget = _gram_cost(m, n, k, l, device)
     by_width = min(KRYLOV_MAX_WIDTH, n // 2) // b
-    return max(min(by_cost, by_width), -(-l // b) + 1)
+    steps, spent = 0, 0.0
+    while steps < by_width:
+        j = (steps + 1) * b
+        cost = per_step + (_TEST_EIGH_UNITS * j ** 3 if _tested(steps + 1, j, l - 1) else 0.0)
+        if spent + cost > budget:
+            break
+        spent += cost
+        steps += 1
+    return max(steps, -(-l // b) + 1)
 
 
 # --- public single-stack entry --------------------------------------------------------------------
@@ -806,10 +948,14 @@ def _truncated_svd_tall(
     if n_iter is not None:
         steps = min(steps, n_iter)
     storage = A.transpose(-2, -1)
-    if A.stride(-1) != 1 and b <= FUSED_MAX_BLOCK and fused_worthwhile(storage):
+    if (A.stride(-1) != 1 and b <= FUSED_MAX_BLOCK and fused_worthwhile(storage)
+            and not low_precision_worthwhile(A)):
         # a wide matrix (A a transposed view of its row-major storage): the Krylov space of the
         # storage's Gram, on its long side, lets each step read the storage rows once
-        # (_gram_pass); its vectors are m long instead of n, which costs little at b ≤ 16
+        # (_gram_pass); its vectors are m long instead of n, which costs little at b ≤ 16. Not
+        # on bf16 steps: their products take either layout at the same cost, and the longer
+        # vectors only make the step's small work dearer (4096×11008 k = 16, 2-core Xeon with
+        # AMX: 135 ms on the short side against 162 ms on the long side)
         omega = _make_omega(m, b, A.dtype, A.device, generator)
         low_storage = None if low_source is None else low_source.transpose(-2, -1)
         (V, S, U), done, _ = _block_krylov(storage, k, b, omega, steps, tol, l - 1, sq_norms, low_storage)
@@ -817,8 +963,9 @@ def _truncated_svd_tall(
         omega = _make_omega(n, b, A.dtype, A.device, generator)
         (U, S, V), done, _ = _block_krylov(A, k, b, omega, steps, tol, l - 1, sq_norms, low_source)
     if not bool(done.all()):
+        # with the steps' last Ritz values as estimates (a steep top-k skips the fp32 Gram)
         bad = (~done).nonzero().flatten()
-        Ug, Sg, Vg = _gram_refined(A[bad].contiguous(), k, l, tol)
+        Ug, Sg, Vg = _gram_refined(A[bad].contiguous(), k, l, tol, S[bad])
         U, S, V = U.index_copy(0, bad, Ug), S.index_copy(0, bad, Sg), V.index_copy(0, bad, Vg)
     return U, S, V
 

@@ -143,7 +143,7 @@ def test_cpu_has_amx_is_a_bool():
 @pytest.mark.parametrize("m,n,k,decay", [(1300, 700, 12, 0.3), (700, 1300, 12, 0.5), (900, 1250, 40, 0.4),
                                          (1250, 900, 40, "flat")])
 def test_truncated_svd_on_bf16_steps_meets_the_contract(monkeypatch, forced, m, n, k, decay):
-    # tall; wide at b = 16 (Krylov space of the storage, by rows) and at b = 20 (a transposed view)
+    # tall; wide at b = 16 and at b = 20 (both on the short side: the transposed view, by columns)
     seen = _spy_steps(monkeypatch)
     fallback = []
     monkeypatch.setattr(tsvd, "_gram_refined", lambda *a: fallback.append(1) or pytest.fail("fallback"))
@@ -289,3 +289,44 @@ def test_compute_copy_keeps_the_layout(monkeypatch, forced):
     F = src.float()
     with ws.compute_copy(F, torch.float32) as C:  # nothing to convert: the input itself
         assert C is F
+
+
+def test_rank_deficient_matrix_on_bf16_steps(monkeypatch, forced):
+    # rank < k on bf16 steps: the bf16 basis only locates the row space; the range finish's
+    # products are fp32 ones, so the triplets are exact and the trailing values exact zeros
+    finish = []
+    real = tsvd._range_finish
+    monkeypatch.setattr(tsvd, "_range_finish", lambda A, *a: finish.append(A.shape[0]) or real(A, *a))
+    seen = _spy_steps(monkeypatch)
+    m, n, r, k = 1300, 900, 5, 12
+    A = with_spectrum(m, n, torch.linspace(3.0, 1.0, r, dtype=torch.float64), seed=9)
+    U, S, V = truncated_svd(A, k)
+    assert seen == [True] and finish == [1], (seen, finish)
+    assert torch.all(S[r:] == 0), S.tolist()
+    torch.testing.assert_close(S[:r].double(), torch.linalg.svdvals(A.double())[:r], rtol=1e-5, atol=0)
+    torch.testing.assert_close((U * S) @ V.T, A, rtol=0, atol=1e-5)
+
+
+def test_wide_matrix_on_bf16_steps_keeps_its_short_side(monkeypatch, forced):
+    # a wide matrix large enough for the fused pass: on fp32 steps its Krylov space is built on
+    # the long side (the storage's rows, read once a step); on bf16 steps, whose products take
+    # either layout at the same cost, on the short side (shorter basis vectors)
+    monkeypatch.setattr(gp, "MIN_FUSED_BYTES", 0)
+    shapes = []
+    real = tsvd._block_krylov_steps
+
+    def spy(A, *args):
+        shapes.append((tuple(A.shape), args[-1] is not None))
+        return real(A, *args)
+
+    monkeypatch.setattr(tsvd, "_block_krylov_steps", spy)
+    m, n, k = 600, 1100, 12
+    A = with_spectrum(m, n, torch.arange(1, m + 1, dtype=torch.float64) ** -0.4, seed=2)
+    res = truncated_svd(A, k)
+    assert shapes == [((1, n, m), True)], shapes  # the transposed view, n ≥ m: the short side
+    assert_contract(A, k, res, "wide on bf16 steps")
+    shapes.clear()
+    monkeypatch.setattr(lp, "cpu_has_amx", lambda: False)
+    res = truncated_svd(A, k)
+    assert shapes == [((1, m, n), False)], shapes  # fp32 steps: the storage, on its long side
+    assert_contract(A, k, res, "wide on fp32 steps")

@@ -507,7 +507,10 @@ def test_krylov_route_contract_odd_and_wide_shapes(monkeypatch, m, n, k, name):
         torch.arange(1, r + 1, dtype=torch.float64) ** -0.3 if name == "power0.3" else spectrum(name, r))
     A = with_spectrum(m, n, s, seed=m + k)
     res = truncated_svd(A, k)
-    assert krylov == [1] and fallback == [], f"krylov calls {krylov}, fallback calls {fallback}"
+    # a spectrum this flat (1 → 0.5 over 1001 values) needs more steps than the Gram route
+    # costs (krylov_max_steps counts the tests' eigenproblems): that route finishes it
+    expected_fallback = [1] if name == "near_flat_linear" else []
+    assert krylov == [1] and fallback == expected_fallback, f"krylov calls {krylov}, fallback calls {fallback}"
     assert res.U.shape == (m, k) and res.V.shape == (n, k)
     assert_contract(A, k, res, f"krylov {name} {m}x{n} k={k}")
 
@@ -642,3 +645,123 @@ def test_krylov_block_widths():
     assert [tsvd.krylov_block(k, cpu) for k in (4, 16, 64, 128, 256, 512)] == [16, 16, 32, 64, 64, 64]
     assert [tsvd.krylov_block(k, cuda) for k in (16, 256, 512)] == [16, 128, 128]
     assert tsvd.krylov_block(256) == 64
+
+
+# --- rank-deficient and nearly rank-deficient matrices on the block Krylov route -------------------
+def _low_rank(m: int, n: int, r: int, seed: int, noise: float = 0.0) -> torch.Tensor:
+    """A rank-r fp32 matrix with values 3 … 1 (plus Gaussian noise of that many times ‖L‖_F/√(mn))."""
+    s = torch.linspace(3.0, 1.0, r, dtype=torch.float64)
+    L = with_spectrum(m, n, s, seed=seed)
+    if noise:
+        g = torch.Generator().manual_seed(seed + 1)
+        L = L + noise * float(L.norm()) / (m * n) ** 0.5 * torch.randn(m, n, generator=g)
+    return L
+
+
+def _assert_rank_deficient_result(A, k, r, res, what):
+    """Top-r values as float64's, the others exact zeros, orthonormal factors, A = U·diag(S)·Vᵀ."""
+    s = torch.linalg.svdvals(A.double())
+    U, S, V = res
+    assert torch.all(S[..., r:] == 0), f"{what}: trailing values {S[..., r:].tolist()} are not exact zeros"
+    torch.testing.assert_close(S[..., :r].double(), s[..., :r], rtol=1e-5, atol=0)
+    assert contract_errors(A, k, res)["orth"] <= ORTH_TOL, what
+    err = torch.linalg.matrix_norm(A.double() - (U.double() * S.double()[..., None, :]) @ V.double().mT)
+    assert float(err.max()) <= 1e-5 * float(torch.linalg.matrix_norm(A.double()).max()), what
+    # the zero values' vectors span null spaces: A·v = 0 and Aᵀ·u = 0
+    assert float((A.double() @ V.double()[..., :, r:]).abs().max()) <= 1e-5 * float(s[..., 0].max()), what
+    assert float((A.double().mT @ U.double()[..., :, r:]).abs().max()) <= 1e-5 * float(s[..., 0].max()), what
+
+
+@pytest.mark.parametrize("m,n,r,k", [(1300, 900, 5, 12), (900, 1300, 7, 12), (1203, 811, 20, 40)])
+def test_rank_below_k_is_finished_by_the_range_finder(monkeypatch, m, n, r, k):
+    # rank < k: the values past the rank sit at the rounding floor, where the convergence test
+    # cannot pass; the cliff in the Ritz values sends the matrix to the range finish, which
+    # returns exact triplets at once instead of stepping on to the Gram route
+    assert tsvd.krylov_budget(max(m, n), min(m, n), k, k + 16, tsvd.krylov_block(k), torch.device("cpu")) >= tsvd.MIN_KRYLOV_STEPS
+    krylov = _spy(monkeypatch, "_block_krylov")
+    finish = _spy(monkeypatch, "_range_finish")
+    fallback = _spy(monkeypatch, "_gram_refined")
+    A = _low_rank(m, n, r, seed=m + r)
+    res = truncated_svd(A, k)
+    assert krylov == [1] and finish == [1] and fallback == [], (krylov, finish, fallback)
+    _assert_rank_deficient_result(A, k, r, res, f"rank {r} {m}x{n} k={k}")
+
+
+def test_rank_deficient_item_in_a_stack_leaves_the_others_alone(monkeypatch):
+    # a stack of a full-rank and a rank-4 matrix: only the second is range-finished, the first
+    # converges as alone
+    finish = _spy(monkeypatch, "_range_finish")
+    r = 900
+    full = with_spectrum(1300, r, torch.arange(1, r + 1, dtype=torch.float64) ** -0.5, seed=3)
+    A = torch.stack([full, _low_rank(1300, r, 4, seed=4)])
+    res = truncated_svd(A, 10)
+    assert finish == [1], finish
+    assert_contract(A[0], 10, (res.U[0], res.S[0], res.V[0]), "full-rank item")
+    _assert_rank_deficient_result(A[1], 10, 4, (res.U[1], res.S[1], res.V[1]), "rank-4 item")
+    torch.testing.assert_close(res.S[0], truncated_svd(full, 10).S, rtol=1e-5, atol=0)
+
+
+def test_range_finish_refuses_a_matrix_outside_the_subspace():
+    # the check is real: a subspace that holds the low-rank part but not the noise around it
+    # (values 3e-3 of σ₁, far above the rounding floor) is refused; the whole row space passes
+    m, n, r, k = 500, 300, 6, 10
+    L = _low_rank(m, n, r, seed=1)
+    noisy = _low_rank(m, n, r, seed=1, noise=1e-2)
+    _, _, Vh = torch.linalg.svd(L.double(), full_matrices=False)
+    Vl = Vh[:16].T.float()[None]  # the row space of L and 10 more directions
+    (U, S, V), ok = tsvd._range_finish(L[None], Vl, k, 1)
+    assert bool(ok.all())
+    (_, _, _), ok_noisy = tsvd._range_finish(noisy[None], Vl, k, 1)
+    assert not bool(ok_noisy.any())
+
+
+def test_low_rank_plus_noise_gives_up_early_and_takes_the_float64_gram(monkeypatch):
+    # rank 6 plus a noise bulk at ~1e-4·σ₁ (above the fp32 rounding floor, so the contract holds
+    # for those values too): the range finish refuses it, the steps give up AFTER_CLIFF_STEPS
+    # later, and the Gram route goes to float64 at once (the fp32 Gram cannot resolve values
+    # that far below σ₁)
+    m, n, r, k = 1300, 900, 6, 12
+    A = _low_rank(m, n, r, seed=5, noise=3e-3)
+    s = torch.linalg.svdvals(A.double())
+    assert s[k - 1] / s[0] < tsvd.FP32_GRAM_MIN_RATIO
+    steps = []
+    real_steps = tsvd._block_krylov_steps
+
+    def spy_steps(*a):
+        out = real_steps(*a)
+        steps.append((out[2], bool(out[1].all())))
+        return out
+
+    monkeypatch.setattr(tsvd, "_block_krylov_steps", spy_steps)
+    finish = _spy(monkeypatch, "_range_finish")
+    eigh_start = _spy(monkeypatch, "_eigh_start")
+    gram64 = _spy(monkeypatch, "_gram")
+    res = truncated_svd(A, k)
+    assert finish == [1] and eigh_start == [] and gram64 == [1], (finish, eigh_start, gram64)
+    (ran, converged), = steps
+    assert not converged and ran <= 2 * tsvd.AFTER_CLIFF_STEPS + 2, ran
+    assert_contract(A, k, res, "rank 6 plus noise")
+
+
+def test_exact_sq_norms_match_float64():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 700, 1500, generator=g) * torch.logspace(-3, 3, 1500)
+    ref = (A.double() ** 2).sum((-2, -1))
+    for X in (A, A.mT):  # by rows, by columns
+        torch.testing.assert_close(tsvd._exact_sq_norms(X), ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(tsvd._exact_sq_norms(A[:, :10, :10]), (A[:, :10, :10].double() ** 2).sum((-2, -1)),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("m,n,k", [(2048, 2048, 16), (1100, 1001, 33), (4096, 4096, 256), (11008, 4096, 64)])
+def test_krylov_max_steps_counts_the_tests(m, n, k):
+    # the steps a matrix may take, their tests' eigenproblems included, cost no more than the
+    # Gram route that finishes it (at least l vectors and one step more)
+    cpu = torch.device("cpu")
+    l = k + tsvd.default_oversample(k, n)
+    b = tsvd.krylov_block(k, cpu)
+    steps = tsvd.krylov_max_steps(m, n, k, l, b, cpu)
+    cost = sum(tsvd._iteration_cost(m, n, b) + (tsvd._TEST_EIGH_UNITS * (i * b) ** 3 if tsvd._tested(i, i * b, l - 1) else 0)
+               for i in range(1, steps + 1))
+    assert steps == -(-l // b) + 1 or cost <= tsvd._gram_cost(m, n, k, l, cpu)
+    assert steps * b <= max(min(tsvd.KRYLOV_MAX_WIDTH, n // 2), (-(-l // b) + 1) * b)
