@@ -652,12 +652,21 @@ def _block_krylov_steps(
             if bool((done | (give_up_after <= step)).all()):
                 break
         if step < max_steps:
+            Vj = VT[:, :j1].transpose(-2, -1)
             with _par(A, 8.0 * Bn * n * j1 * b, nthreads):
-                Vb, _ = orthonormalize(_project_out(VT[:, :j1].transpose(-2, -1), Zb))
-            # a block that lost rank (the Krylov space is nearly invariant) gets Householder
-            # columns that are not orthogonal to the basis: project once more (rare, so checked)
-            if bool(((VT[:, :j1] @ Vb).abs().amax() > 1e-4)):
-                Vb, _ = orthonormalize(_project_out(VT[:, :j1].transpose(-2, -1), Vb))
+                # classical Gram-Schmidt twice; the first pass's coefficients Vᵀ·Zb are the Gram's
+                # new block column, computed above
+                Y = torch.baddbmm(Zb, Vj, GT[:, :j1, j0:j1], alpha=-1)
+                Y = Y - Vj @ (VT[:, :j1] @ Y)
+                Vb, R = orthonormalize(Y)
+            # Y is orthogonal to the basis up to ~ε·‖Zb‖, Vb = Y·R⁻¹ up to that times ‖R⁻¹‖: a
+            # block that lost rank (the Krylov space nearly invariant; Householder columns, not
+            # orthogonal to the basis, or a large R⁻¹) is checked and projected once more
+            eye = torch.eye(b, dtype=R.dtype, device=R.device)
+            loss = (64 * torch.finfo(dt).eps * torch.linalg.vector_norm(Zb, dim=(-2, -1)).to(R.dtype)
+                    * torch.linalg.vector_norm(torch.linalg.solve_triangular(R, eye, upper=True), dim=(-2, -1)))
+            if not bool((loss <= 1e-5).all()) and bool(((VT[:, :j1] @ Vb).abs().amax() > 1e-4)):
+                Vb, _ = orthonormalize(_project_out(Vj, Vb))
     # bf16 steps: those that passed the steps' test but never the fp32 one
     uncertified = tried & ~done
     # certified (bf16 steps) and range-finished triplets are final; the others are filled below
