@@ -24,6 +24,12 @@ Cases (issue 4 goals):
     python benchmarks/bench_truncated_svd.py --llm --medium  # k = 256, 14336×4096, flat tops (the quick grid)
     python benchmarks/bench_truncated_svd.py --llm --json benchmarks/results/truncated_svd_llm_cpu.json
 
+- rank-deficient matrices (rank < k: 4096² of rank 8 and 100, 11008×4096 and 4096×11008 of rank
+  20) and a rank-8 matrix plus a noise bulk just above the fp32 rounding floor, against
+  torch.linalg.svd:
+
+    python benchmarks/bench_truncated_svd.py --low-rank --json benchmarks/results/truncated_svd_low_rank_cpu.json
+
 The test matrices A = P·diag(s)·Qᵀ reuse one pair of random orthonormal factors per shape (QR
 of Gaussian matrices, timed separately as ``setup_s``), so the timings measure only the SVDs.
 The machine's load (/proc/loadavg) is recorded before and after each case: on a shared machine
@@ -482,6 +488,81 @@ def run_llm(args) -> dict:
     return out
 
 
+# --- rank-deficient matrices ------------------------------------------------------------------------------
+#: (m, n, rank, k, noise): exactly rank-deficient matrices (rank < k) and one with a noise bulk just
+#: above the fp32 rounding floor past its rank (values there ~1e-4·σ₁, which the contract's 1e-3
+#: still covers), the case a fine-tuning delta of low rank plus noise is
+LOW_RANK_CASES = [(4096, 4096, 8, 16, 0.0), (4096, 4096, 100, 128, 0.0), (11008, 4096, 20, 64, 0.0),
+                  (4096, 11008, 20, 64, 0.0), (4096, 4096, 8, 16, 1e-3)]
+
+
+def low_rank_matrix(m: int, n: int, r: int, noise: float, seed: int = 0) -> torch.Tensor:
+    """A Gaussian rank-r product B·C [m, n] (fp32), plus ``noise``·‖B·C‖_F/√(mn) Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)
+    if noise:
+        A += noise * float(A.norm()) / (m * n) ** 0.5 * torch.randn(m, n, generator=g)
+    return A
+
+
+def bench_low_rank_case(m: int, n: int, r: int, k: int, noise: float, reps: int) -> dict:
+    """truncated_svd of a (nearly) rank-deficient matrix against torch.linalg.svd, with accuracy
+    against a float64 SVD: the top-min(r, k) values, the values past the rank (exact zeros expected
+    where the matrix has none, within 1e-3 where the noise makes them real), orthonormality."""
+    load0 = loadavg()
+    A = low_rank_matrix(m, n, r, noise)
+    s = torch.linalg.svdvals(A.double())[:k]
+    floor = max(m, n) ** 0.5 * torch.finfo(torch.float32).eps * float(s[0])
+    t0 = time.perf_counter()
+    truncated_svd(A, k)  # warm-up
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        U, S, V = truncated_svd(A, k)
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    torch.linalg.svd(A, full_matrices=False)
+    t_svd = time.perf_counter() - t0
+    S64 = S.double()
+    real = s > floor  # values the rounding of A itself can tell from zero
+    sv = float(((S64[real] - s[real]).abs() / s[real]).max())
+    I = torch.eye(k, dtype=torch.float64)
+    orth = max(float((U.double().T @ U.double() - I).abs().max()), float((V.double().T @ V.double() - I).abs().max()))
+    return {"case": f"rank {r}{f' + noise {noise:g}' if noise else ''} {m}x{n}", "shape": [m, n], "rank": r, "k": k,
+            "noise": noise, "time_s": statistics.median(times), "first_call_s": first, "linalg_svd_s": t_svd,
+            "sv_rel_err_above_floor": sv, "values_below_floor": int((~real).sum()),
+            "zeros_returned": int((S == 0).sum()), "orth_err": orth,
+            "contract_met": sv <= 1e-3 and orth <= 1e-5 and bool((S[~real] == 0).all()),
+            "loadavg_before": load0, "loadavg_after": loadavg()}
+
+
+def low_rank_markdown(out: dict) -> str:
+    lines = ["# truncated_svd on rank-deficient matrices", "",
+             f"Device: {out['device']}, torch {out['torch']}, commit {out['commit']}, {out['threads']} threads, "
+             f"median of {out['reps']} calls after one warm-up; torch.linalg.svd timed once.", "",
+             "| case | k | ours (s) | torch.linalg.svd (s) | sv err (values above the floor) | zeros returned | orth | contract | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in out["cases"]:
+        lines.append(f"| {c['case']} | {c['k']} | {c['time_s']:.3f} | {c['linalg_svd_s']:.2f} | "
+                     f"{c['sv_rel_err_above_floor']:.1e} | {c['zeros_returned']} of {c['values_below_floor']} below the floor | "
+                     f"{c['orth_err']:.1e} | {c['contract_met']} | {c['loadavg_after']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_low_rank(args) -> dict:
+    torch.set_num_threads(args.threads)
+    out = {"benchmark": "truncated_svd_low_rank", "device": device_name("cpu"), "torch": torch.__version__,
+           "python": platform.python_version(), "commit": git_commit(), "threads": torch.get_num_threads(),
+           "reps": args.reps, "cases": []}
+    for m, n, r, k, noise in LOW_RANK_CASES:
+        case = bench_low_rank_case(m, n, r, k, noise, args.reps)
+        out["cases"].append(case)
+        print(f"{case['case']:>28} k={k:<3} ours {case['time_s']:.3f}s linalg.svd {case['linalg_svd_s']:.2f}s "
+              f"contract {case['contract_met']}", file=sys.stderr, flush=True)
+    return out
+
+
 # --- main ---------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -493,9 +574,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--medium", action="store_true",
                     help="with --llm: 8 cases the quick mode leaves out (k = 256, 14336×4096, flat tops) "
                          "and the flat-spectrum layer")
-    ap.add_argument("--threads", type=int, default=2, help="with --llm: torch.set_num_threads (default 2)")
+    ap.add_argument("--low-rank", action="store_true",
+                    help="rank-deficient matrices (rank < k, and one with a noise bulk past its rank), CPU")
+    ap.add_argument("--threads", type=int, default=2, help="with --llm / --low-rank: torch.set_num_threads (default 2)")
     args = ap.parse_args(argv)
     dev = args.device
+    if args.low_rank:
+        if args.reps == 15:
+            args.reps = 3
+        results = run_low_rank(args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.with_suffix(".md").write_text(low_rank_markdown(results))
+        return write_results(args, results)
     if args.llm:
         if args.reps == 15:  # the default of the small cases: fewer rounds at these sizes
             args.reps = 3 if args.quick or args.medium else 5
